@@ -1,0 +1,1 @@
+"""Everything that speaks DICOM: the SCP, the spool, series selection, results, export."""

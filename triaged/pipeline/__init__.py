@@ -1,0 +1,1 @@
+"""MONAI transforms (HU -> lung window -> slices -> tensors) and study scoring."""

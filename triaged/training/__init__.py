@@ -1,0 +1,1 @@
+"""Datasets, Algorithm 1 (semi-supervised Inf-Net), Algorithm 2 (staged fusion), metrics."""

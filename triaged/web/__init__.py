@@ -1,0 +1,1 @@
+"""Worklist page, JSON API, /healthz and /metrics."""

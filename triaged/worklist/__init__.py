@@ -1,0 +1,1 @@
+"""The worklist database: SQLAlchemy models, queries, the job queue, Alembic migrations."""
