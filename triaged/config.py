@@ -231,9 +231,7 @@ def _with_paths(settings: Settings, base: Path) -> Settings:
     )
 
 
-def from_dict(
-    raw: dict[str, Any], base: Path, environ: dict[str, str] | None = None
-) -> Settings:
+def from_dict(raw: dict[str, Any], base: Path, environ: dict[str, str] | None = None) -> Settings:
     """Validate a parsed config; ``base`` anchors relative paths."""
     raw = _env_overrides(dict(raw), dict(os.environ) if environ is None else environ)
     raw.pop("path", None)

@@ -1,0 +1,338 @@
+"""Studies, series and instances: recording arrivals, state changes and completion.
+
+Functions take a Session and plain values, so they are the same on SQLite and
+PostgreSQL and testable without a network. Every state change goes through
+``set_state`` so that it is logged and recorded as a study event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, and_, exists, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from triaged.worklist.models import (
+    Association,
+    AssociationState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Study,
+    StudyEvent,
+    StudyState,
+    utcnow,
+)
+
+log = logging.getLogger("triaged.worklist")
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the SCP learns from an instance's header; no pixel data, no patient name."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    patient_id: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+    requested_priority: str | None = None
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    instance_number: int | None = None
+
+
+def _insert(session: Session):  # type: ignore[no-untyped-def]
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def set_state(
+    session: Session,
+    study: Study,
+    state: StudyState,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> None:
+    """Change a study's state, record the event and log it (one line, no patient data)."""
+    now = now or utcnow()
+    if study.state == state and study.state_reason == reason:
+        return
+    study.state = state
+    study.state_reason = reason
+    study.updated_at = now
+    session.add(StudyEvent(study_id=study.id, state=state, reason=reason, at=now))
+    log.info("study %s -> %s%s", study.study_instance_uid, state, f" ({reason})" if reason else "")
+
+
+def _upsert_study(session: Session, meta: InstanceMeta, now: datetime) -> Study:
+    ins = _insert(session)(Study).values(
+        study_instance_uid=meta.study_instance_uid,
+        patient_id=meta.patient_id,
+        accession_number=meta.accession_number,
+        study_date=meta.study_date,
+        study_description=meta.study_description,
+        requested_priority=meta.requested_priority,
+        state=StudyState.RECEIVING,
+        priority=0,
+        flag=False,
+        first_received_at=now,
+        last_received_at=now,
+        updated_at=now,
+    )
+    created = session.execute(
+        ins.on_conflict_do_nothing(index_elements=["study_instance_uid"])
+    ).rowcount
+    study = session.scalars(
+        select(Study).where(Study.study_instance_uid == meta.study_instance_uid)
+    ).one()
+    if created:
+        session.add(StudyEvent(study_id=study.id, state=StudyState.RECEIVING, at=now))
+        log.info("study %s -> RECEIVING", study.study_instance_uid)
+    return study
+
+
+def _upsert_series(session: Session, study: Study, meta: InstanceMeta, now: datetime) -> Series:
+    ins = _insert(session)(Series).values(
+        study_id=study.id,
+        series_instance_uid=meta.series_instance_uid,
+        modality=meta.modality,
+        series_number=meta.series_number,
+        series_description=meta.series_description,
+        created_at=now,
+    )
+    session.execute(ins.on_conflict_do_nothing(index_elements=["series_instance_uid"]))
+    return session.scalars(
+        select(Series).where(Series.series_instance_uid == meta.series_instance_uid)
+    ).one()
+
+
+def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
+    return session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+    ).one_or_none()
+
+
+def record_instance(
+    session: Session,
+    meta: InstanceMeta,
+    path: str,
+    size_bytes: int,
+    association_id: int | None,
+    now: datetime | None = None,
+) -> bool:
+    """Record a spooled instance; returns False when the SOP Instance UID was known already.
+
+    A known instance is re-attributed to the current association (a resend confirms an
+    instance whose first association aborted). An arrival for a study past RECEIVING
+    reopens it: its pending scoring job is cancelled and it will be completed again.
+    """
+    now = now or utcnow()
+    study = _upsert_study(session, meta, now)
+    series = _upsert_series(session, study, meta, now)
+    ins = _insert(session)(Instance).values(
+        study_id=study.id,
+        series_id=series.id,
+        association_id=association_id,
+        sop_instance_uid=meta.sop_instance_uid,
+        sop_class_uid=meta.sop_class_uid,
+        transfer_syntax_uid=meta.transfer_syntax_uid,
+        instance_number=meta.instance_number,
+        path=path,
+        size_bytes=size_bytes,
+        received_at=now,
+        file_missing=False,
+    )
+    created = bool(
+        session.execute(ins.on_conflict_do_nothing(index_elements=["sop_instance_uid"])).rowcount
+    )
+    if not created:
+        session.execute(
+            update(Instance)
+            .where(Instance.sop_instance_uid == meta.sop_instance_uid)
+            .values(association_id=association_id, file_missing=False, path=path)
+        )
+        if study.state == StudyState.RECEIVING:
+            return False
+    study.last_received_at = now
+    study.updated_at = now
+    if study.state != StudyState.RECEIVING:
+        reopen(session, study, now)
+    return created
+
+
+def reopen(session: Session, study: Study, now: datetime) -> None:
+    """New data for a study already completed: cancel its queued job and receive again."""
+    session.execute(
+        update(Job)
+        .where(Job.study_id == study.id, Job.state == JobState.QUEUED)
+        .values(state=JobState.CANCELLED, finished_at=now, error="study reopened")
+    )
+    study.completed_at = None
+    set_state(session, study, StudyState.RECEIVING, "new instances arrived", now)
+
+
+def open_association(session: Session, calling_ae: str, peer: str) -> int:
+    a = Association(
+        calling_ae=calling_ae[:16],
+        peer=peer[:64],
+        state=AssociationState.OPEN,
+        started_at=utcnow(),
+        instances_stored=0,
+        failures=0,
+    )
+    session.add(a)
+    session.flush()
+    return a.id
+
+
+def close_association(
+    session: Session, association_id: int, state: AssociationState, stored: int, failures: int
+) -> None:
+    session.execute(
+        update(Association)
+        .where(Association.id == association_id)
+        .values(state=state, ended_at=utcnow(), instances_stored=stored, failures=failures)
+    )
+
+
+def abort_open_associations(session: Session) -> int:
+    """At start-up every association still OPEN died with the previous process."""
+    res = session.execute(
+        update(Association)
+        .where(Association.state == AssociationState.OPEN)
+        .values(state=AssociationState.ABORTED, ended_at=utcnow())
+    )
+    return int(res.rowcount or 0)
+
+
+def complete_due_studies(
+    session: Session, quiet_seconds: float, max_wait_seconds: float, now: datetime | None = None
+) -> list[str]:
+    """Complete every RECEIVING study that has been quiet long enough; queue its scoring job.
+
+    A study with instances from an association that is still open, or that aborted and was
+    not resent, waits: the sender is expected to finish or resend. ``max_wait_seconds``
+    after the first instance the study completes regardless.
+    """
+    now = now or utcnow()
+    quiet_before = now - timedelta(seconds=quiet_seconds)
+    max_before = now - timedelta(seconds=max_wait_seconds)
+    unconfirmed = exists().where(
+        Instance.study_id == Study.id,
+        Instance.association_id == Association.id,
+        Association.state != AssociationState.RELEASED,
+    )
+    due = session.scalars(
+        select(Study)
+        .where(
+            Study.state == StudyState.RECEIVING,
+            or_(
+                Study.first_received_at <= max_before,
+                and_(Study.last_received_at <= quiet_before, ~unconfirmed),
+            ),
+        )
+        .order_by(Study.first_received_at)
+        .with_for_update(skip_locked=True)
+    ).all()
+    done: list[str] = []
+    for study in due:
+        study.completed_at = now
+        why = "quiet period elapsed"
+        if study.first_received_at <= max_before and study.last_received_at > quiet_before:
+            why = "maximum wait elapsed"
+        set_state(session, study, StudyState.COMPLETE, why, now)
+        session.add(Job(study_id=study.id, kind="score", state=JobState.QUEUED, created_at=now))
+        set_state(session, study, StudyState.QUEUED, None, now)
+        done.append(study.study_instance_uid)
+    return done
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One worklist line; the JSON keys of ``triaged worklist --json``."""
+
+    study_instance_uid: str
+    patient_id: str | None
+    accession_number: str | None
+    study_date: str | None
+    modalities: list[str]
+    num_series: int
+    num_instances: int
+    state: str
+    state_reason: str | None
+    priority: int
+    flag: bool
+    received_at: str
+    completed_at: str | None
+
+
+def list_studies(session: Session, limit: int | None = None) -> list[StudyRow]:
+    """Studies in reading order: triage priority first, then the longest waiting."""
+    n_inst = (
+        select(Instance.study_id, func.count().label("n"))
+        .where(Instance.file_missing.is_(False))
+        .group_by(Instance.study_id)
+        .subquery()
+    )
+    q = (
+        select(Study, func.coalesce(n_inst.c.n, 0))
+        .outerjoin(n_inst, n_inst.c.study_id == Study.id)
+        .order_by(Study.priority.desc(), Study.first_received_at.asc(), Study.id.asc())
+    )
+    if limit:
+        q = q.limit(limit)
+    rows = session.execute(q).all()
+    ids = [s.id for s, _ in rows]
+    series: dict[int, list[Series]] = {i: [] for i in ids}
+    if ids:
+        for se in session.scalars(select(Series).where(Series.study_id.in_(ids))):
+            series[se.study_id].append(se)
+    out: list[StudyRow] = []
+    for study, n in rows:
+        ss = series[study.id]
+        out.append(
+            StudyRow(
+                study_instance_uid=study.study_instance_uid,
+                patient_id=study.patient_id,
+                accession_number=study.accession_number,
+                study_date=study.study_date,
+                modalities=sorted({s.modality for s in ss if s.modality}),
+                num_series=len(ss),
+                num_instances=int(n),
+                state=study.state,
+                state_reason=study.state_reason,
+                priority=study.priority,
+                flag=study.flag,
+                received_at=study.first_received_at.isoformat(),
+                completed_at=study.completed_at.isoformat() if study.completed_at else None,
+            )
+        )
+    return out
+
+
+def study_files(session: Session, study_instance_uid: str) -> Sequence[Instance]:
+    """Instances of a study whose file is present, for the scoring worker."""
+    return session.scalars(
+        select(Instance)
+        .join(Study, Study.id == Instance.study_id)
+        .where(Study.study_instance_uid == study_instance_uid, Instance.file_missing.is_(False))
+        .order_by(Instance.series_id, Instance.instance_number, Instance.id)
+    ).all()
+
+
+def counts_by_state(engine: Engine) -> dict[str, int]:
+    with Session(engine) as s:
+        return {
+            str(k): int(v)
+            for k, v in s.execute(select(Study.state, func.count()).group_by(Study.state)).all()
+        }
