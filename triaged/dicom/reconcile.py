@@ -1,0 +1,89 @@
+"""Restart recovery: make the spool and the database agree before serving again.
+
+The SCP answers Success only after both the file and its row exist, but a crash can fall
+between the two steps (file linked, row not committed) or an operator can delete files.
+So at start: temp files of unfinished transfers are dropped (never acknowledged), files
+the database does not know are indexed, rows whose file vanished are marked, and
+associations left open by the dead process are marked aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from triaged.dicom.header import BadInstance, read_meta
+from triaged.dicom.spool import Spool
+from triaged.worklist.models import Instance
+from triaged.worklist.studies import abort_open_associations, record_instance
+
+log = logging.getLogger("triaged.reconcile")
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    temp_files_removed: int
+    associations_aborted: int
+    files_indexed: int
+    files_unreadable: int
+    rows_missing_file: int
+
+
+def reconcile(spool: Spool, engine: Engine) -> ReconcileReport:
+    removed = spool.clear_incoming()
+    with Session(engine) as s, s.begin():
+        aborted = abort_open_associations(s)
+        known = {
+            uid: path
+            for uid, path in s.execute(
+                select(Instance.sop_instance_uid, Instance.path).where(
+                    Instance.file_missing.is_(False)
+                )
+            ).all()
+        }
+    indexed = unreadable = 0
+    on_disk: set[str] = set()
+    for f in spool.iter_files():
+        on_disk.add(f.sop_instance_uid)
+        if f.sop_instance_uid in known:
+            continue
+        try:
+            meta = read_meta(f.path)
+        except BadInstance as err:
+            unreadable += 1
+            log.warning("spooled file %s unreadable: %s", f.path, err)
+            continue
+        with Session(engine) as s, s.begin():
+            record_instance(s, meta, str(f.path), f.path.stat().st_size, None)
+        indexed += 1
+    missing = [uid for uid, path in known.items() if uid not in on_disk and not Path(path).exists()]
+    if missing:
+        with Session(engine) as s, s.begin():
+            for i in range(0, len(missing), 500):
+                s.execute(
+                    update(Instance)
+                    .where(Instance.sop_instance_uid.in_(missing[i : i + 500]))
+                    .values(file_missing=True)
+                )
+    report = ReconcileReport(removed, aborted, indexed, unreadable, len(missing))
+    log.info(
+        "reconciled spool and database: %d temp files removed, %d associations marked aborted, "
+        "%d files indexed, %d unreadable, %d rows without file",
+        *(getattr(report, k) for k in report.__dataclass_fields__),
+    )
+    return report
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

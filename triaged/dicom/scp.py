@@ -1,0 +1,305 @@
+"""The DICOM listener: C-ECHO and C-STORE with an allow-list, TLS and durable storage.
+
+Small event handlers in the pynetdicom style: the network loop stays in pynetdicom, the
+work is ``Spool.commit`` + ``record_instance``. Datasets are received in chunked mode,
+straight into the spool's incoming folder, so a 512 KB slice is never decoded: the
+header is read, the file fsynced and linked into place, the database row committed,
+and only then is Success (0x0000) answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from triaged.config import DicomSettings, TLSSettings
+from triaged.dicom.header import BadInstance, read_meta
+from triaged.dicom.spool import OutOfSpace, Spool, SpoolError
+from triaged.worklist.models import AssociationState
+from triaged.worklist.studies import close_association, open_association, record_instance
+
+log = logging.getLogger("triaged.scp")
+
+#: What a PACS commonly sends; every one of them decodes with the installed pydicom plugins.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    *JPEGTransferSyntaxes,
+    *JPEGLSTransferSyntaxes,
+    *JPEG2000TransferSyntaxes,
+    RLELossless,
+]
+
+# Storage status codes (PS3.4 Annex B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass
+class _AssocStats:
+    id: int | None
+    calling_ae: str
+    peer: str
+    stored: int = 0
+    duplicates: int = 0
+    failures: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def server_tls_context(tls: TLSSettings) -> ssl.SSLContext:
+    """TLS for the listener; with a CA, client certificates are required (mutual TLS)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+    if tls.ca is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class StoreSCP:
+    """A C-ECHO/C-STORE Application Entity bound to a spool and the worklist database."""
+
+    def __init__(
+        self,
+        settings: DicomSettings,
+        spool: Spool,
+        engine: Engine,
+        on_stored: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.engine = engine
+        self.on_stored = on_stored
+        self._assocs: dict[int, _AssocStats] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+        self.instances_received = 0
+        self.instances_failed = 0
+
+    # -- application entity -------------------------------------------------------
+    def build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_pdu_size = s.max_pdu
+        ae.maximum_associations = s.max_associations
+        ae.network_timeout = s.network_timeout
+        ae.acse_timeout = 30
+        ae.dimse_timeout = s.network_timeout
+        ae.require_called_aet = True
+        if s.allowed_calling_aets:
+            ae.require_calling_aet = list(s.allowed_calling_aets)
+        ae.add_supported_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+
+    def start(self) -> ThreadedAssociationServer:
+        """Listen in background threads; returns the server (``shutdown()`` stops it)."""
+        # Chunked receive writes each dataset to a NamedTemporaryFile: put those on the
+        # spool's filesystem so that committing is a link, not a copy.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.spool.incoming)
+        ctx = server_tls_context(self.settings.tls) if self.settings.tls else None
+        ae = self.build_ae()
+        self._server = ae.start_server(
+            (self.settings.bind, self.settings.port),
+            block=False,
+            evt_handlers=self.handlers(),
+            ssl_context=ctx,
+        )
+        log.info(
+            "listening as %s on %s:%d%s",
+            self.settings.ae_title,
+            self.settings.bind,
+            self.port,
+            " (TLS)" if ctx else "",
+        )
+        return self._server
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.settings.port
+        return int(self._server.server_address[1])
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.socket.fileno() >= 0
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- association bookkeeping --------------------------------------------------
+    def _stats(self, assoc: Any) -> _AssocStats:
+        with self._lock:
+            st = self._assocs.get(id(assoc))
+            if st is None:
+                st = _AssocStats(
+                    None,
+                    assoc.requestor.ae_title,
+                    f"{assoc.requestor.address}:{assoc.requestor.port}",
+                )
+                self._assocs[id(assoc)] = st
+            return st
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        st = self._stats(event.assoc)
+        try:
+            with Session(self.engine) as s, s.begin():
+                st.id = open_association(s, st.calling_ae, st.peer)
+        except SQLAlchemyError as err:
+            log.error("cannot record association from %s: %s", st.calling_ae, err)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        req = event.assoc.requestor
+        log.warning(
+            "association from AE %s at %s:%s rejected (calling AE or called AE not allowed)",
+            req.ae_title,
+            req.address,
+            req.port,
+        )
+        with self._lock:
+            self._assocs.pop(id(event.assoc), None)
+
+    def _end(self, event: evt.Event, state: AssociationState) -> None:
+        with self._lock:
+            st = self._assocs.pop(id(event.assoc), None)
+        if st is None:
+            return
+        log.info(
+            "association from AE %s at %s %s: %d stored, %d duplicate, %d failed",
+            st.calling_ae,
+            st.peer,
+            state.lower(),
+            st.stored,
+            st.duplicates,
+            st.failures,
+        )
+        if st.id is None:
+            return
+        try:
+            with Session(self.engine) as s, s.begin():
+                close_association(s, st.id, state, st.stored + st.duplicates, st.failures)
+        except SQLAlchemyError as err:
+            log.error("cannot record end of association %s: %s", st.id, err)
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._end(event, AssociationState.RELEASED)
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        self._end(event, AssociationState.ABORTED)
+
+    # -- services -------------------------------------------------------------------
+    def _on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def _fail(self, st: _AssocStats, code: int, why: str, sop_uid: str) -> Dataset:
+        with st.lock:
+            st.failures += 1
+        self.instances_failed += 1
+        log.warning(
+            "C-STORE from %s refused with 0x%04X: %s (SOP Instance %s)",
+            st.calling_ae,
+            code,
+            why,
+            sop_uid,
+        )
+        return _status(code, why)
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        st = self._stats(event.assoc)
+        req_uid = str(event.request.AffectedSOPInstanceUID or "")
+        temp = Path(event.dataset_path)
+        try:
+            meta = read_meta(temp)
+        except BadInstance as err:
+            code = (
+                DATASET_MISMATCH
+                if str(err).startswith(("missing", "invalid"))
+                else CANNOT_UNDERSTAND
+            )
+            return self._fail(st, code, str(err), req_uid)
+        if req_uid and meta.sop_instance_uid != req_uid:
+            return self._fail(
+                st, DATASET_MISMATCH, "SOP Instance UID differs from request", req_uid
+            )
+        try:
+            path, _new_file = self.spool.commit(
+                temp, meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
+            )
+        except OutOfSpace as err:
+            return self._fail(st, OUT_OF_RESOURCES, f"out of resources: {err}", req_uid)
+        except SpoolError as err:
+            return self._fail(st, OUT_OF_RESOURCES, str(err), req_uid)
+        try:
+            with Session(self.engine) as s, s.begin():
+                created = record_instance(s, meta, str(path), path.stat().st_size, st.id)
+        except SQLAlchemyError as err:
+            log.error("database error while recording %s: %s", meta.sop_instance_uid, err)
+            return self._fail(st, OUT_OF_RESOURCES, "database unavailable", req_uid)
+        with st.lock:
+            if created:
+                st.stored += 1
+            else:
+                st.duplicates += 1
+        self.instances_received += 1
+        if self.on_stored is not None:
+            self.on_stored(meta)
+        return SUCCESS

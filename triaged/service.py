@@ -1,0 +1,86 @@
+"""`triaged serve`: the SCP, the scheduler, in-process workers and the web app in one process.
+
+Start-up order matters for restart safety: schema first, then reconcile spool and
+database, then accept associations, then periodic work. Shutdown is the reverse and
+leaves every study in a recorded state.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+
+from sqlalchemy import Engine
+
+from triaged.config import Settings
+from triaged.dicom.reconcile import reconcile
+from triaged.dicom.scp import StoreSCP
+from triaged.dicom.spool import Spool
+from triaged.scheduler import add_interval, completion_sweep, make_scheduler
+from triaged.worklist import db
+
+log = logging.getLogger("triaged.service")
+
+
+@dataclass
+class Service:
+    settings: Settings
+    engine: Engine = field(init=False)
+    spool: Spool = field(init=False)
+    scp: StoreSCP = field(init=False)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _on_stop: list[Callable[[], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.engine = db.make_engine(s.database.url)
+        self.spool = Spool(s.storage.spool_dir, s.storage.min_free_mb)
+        self.scp = StoreSCP(s.dicom, self.spool, self.engine)
+        self.scheduler = make_scheduler()
+
+    def start(self) -> None:
+        db.ensure_schema(self.engine)
+        reconcile(self.spool, self.engine)
+        self.scp.start()
+        self._on_stop.append(self.scp.shutdown)
+        a = self.settings.assembly
+        add_interval(
+            self.scheduler,
+            "completion",
+            a.sweep_seconds,
+            lambda: completion_sweep(self.engine, a),
+        )
+        self.scheduler.start()
+        self._on_stop.append(lambda: self.scheduler.shutdown(wait=False))
+        log.info("triaged ready")
+
+    def add_stop_hook(self, fn: Callable[[], None]) -> None:
+        self._on_stop.append(fn)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for fn in reversed(self._on_stop):
+            try:
+                fn()
+            except Exception:
+                log.exception("error while stopping")
+        self._on_stop.clear()
+        self.engine.dispose()
+
+    def run_forever(self) -> None:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
