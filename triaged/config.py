@@ -39,7 +39,7 @@ class DicomSettings(_Section):
     port: int = Field(default=11112, ge=0, le=65535)
     allowed_calling_aets: list[str] = Field(default_factory=list)
     tls: TLSSettings | None = None
-    max_pdu: int = Field(default=4_194_304, ge=0)
+    max_pdu: int = Field(default=131_072, ge=0)
     max_associations: int = Field(default=16, ge=1)
     network_timeout: float = Field(default=60.0, gt=0)
 

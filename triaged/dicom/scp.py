@@ -15,6 +15,7 @@ import socket
 import ssl
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,12 @@ from triaged.config import DicomSettings, TLSSettings
 from triaged.dicom.header import BadInstance, read_meta
 from triaged.dicom.spool import OutOfSpace, Spool, SpoolError
 from triaged.worklist.models import AssociationState
-from triaged.worklist.studies import close_association, open_association, record_instance
+from triaged.worklist.studies import (
+    IdCache,
+    close_association,
+    open_association,
+    record_instance,
+)
 
 log = logging.getLogger("triaged.scp")
 
@@ -57,6 +63,8 @@ TRANSFER_SYNTAXES = [
     *JPEG2000TransferSyntaxes,
     RLELossless,
 ]
+
+DUL_POLL_SECONDS = 0.0001
 
 # Storage status codes (PS3.4 Annex B.2.3)
 SUCCESS = 0x0000
@@ -113,6 +121,8 @@ class StoreSCP:
         self._server: ThreadedAssociationServer | None = None
         self.instances_received = 0
         self.instances_failed = 0
+        self._ids = IdCache()
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-sync")
 
     # -- application entity -------------------------------------------------------
     def build_ae(self) -> AE:
@@ -179,6 +189,7 @@ class StoreSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self._io.shutdown(wait=True)
 
     # -- association bookkeeping --------------------------------------------------
     def _stats(self, assoc: Any) -> _AssocStats:
@@ -198,6 +209,9 @@ class StoreSCP:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # pynetdicom's reader sleeps 1 ms whenever its socket is idle; a C-STORE SCU waits
+        # for each response, so that sleep is paid per PDU. 0.1 ms costs little CPU.
+        event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
 
     def _on_accepted(self, event: evt.Event) -> None:
         st = self._stats(event.assoc)
@@ -268,32 +282,45 @@ class StoreSCP:
         req_uid = str(event.request.AffectedSOPInstanceUID or "")
         temp = Path(event.dataset_path)
         try:
-            meta = read_meta(temp)
-        except BadInstance as err:
-            code = (
-                DATASET_MISMATCH
-                if str(err).startswith(("missing", "invalid"))
-                else CANNOT_UNDERSTAND
-            )
-            return self._fail(st, code, str(err), req_uid)
-        if req_uid and meta.sop_instance_uid != req_uid:
-            return self._fail(
-                st, DATASET_MISMATCH, "SOP Instance UID differs from request", req_uid
-            )
-        try:
-            path, _new_file = self.spool.commit(
-                temp, meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
-            )
+            self.spool.check_space()
         except OutOfSpace as err:
             return self._fail(st, OUT_OF_RESOURCES, f"out of resources: {err}", req_uid)
-        except SpoolError as err:
-            return self._fail(st, OUT_OF_RESOURCES, str(err), req_uid)
+        # The file's fsync (disk-bound, releases the GIL) overlaps the header parse and the
+        # database write; Success still waits for both and for the durable name.
+        synced = self._io.submit(self.spool.sync, temp)
+        try:
+            meta = read_meta(temp)
+            if req_uid and meta.sop_instance_uid != req_uid:
+                raise BadInstance("invalid: SOP Instance UID differs from request")
+            self.spool.path_for(
+                meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
+            )
+        except (BadInstance, SpoolError) as err:
+            synced.exception()
+            ids_bad = str(err).startswith(("missing", "invalid", "not a valid"))
+            code = DATASET_MISMATCH if ids_bad else CANNOT_UNDERSTAND
+            return self._fail(st, code, str(err), req_uid)
+        final = self.spool.path_for(
+            meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
+        )
         try:
             with Session(self.engine) as s, s.begin():
-                created = record_instance(s, meta, str(path), path.stat().st_size, st.id)
+                created = record_instance(
+                    s, meta, str(final), temp.stat().st_size, st.id, cache=self._ids
+                )
         except SQLAlchemyError as err:
+            synced.exception()
             log.error("database error while recording %s: %s", meta.sop_instance_uid, err)
             return self._fail(st, OUT_OF_RESOURCES, "database unavailable", req_uid)
+        try:
+            synced.result()
+            self.spool.place(
+                temp, meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
+            )
+        except SpoolError as err:
+            # The row exists but the file does not: restart reconciliation marks it
+            # missing, and the resend that follows this failure status restores it.
+            return self._fail(st, OUT_OF_RESOURCES, str(err), req_uid)
         with st.lock:
             if created:
                 st.stored += 1

@@ -89,22 +89,24 @@ class Spool:
         for created in reversed(missing):
             _fsync_dir(created.parent)
 
-    def commit(
-        self, temp: Path, study_uid: str, series_uid: str, sop_uid: str
-    ) -> tuple[Path, bool]:
-        """Make ``temp`` durable at its final name; returns (path, newly stored).
+    def sync(self, temp: Path) -> None:
+        """Force a received file's bytes to disk (step 1 of 2; may run beside other work)."""
+        try:
+            with open(temp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise OutOfSpace("no space left on the spool device") from None
+            raise SpoolError(f"cannot store instance: {err.strerror}") from None
 
-        The temporary file is always removed. When the instance is already spooled the
-        existing file is kept untouched (stored once).
+    def place(self, temp: Path, study_uid: str, series_uid: str, sop_uid: str) -> tuple[Path, bool]:
+        """Link a synced file to its final name and make the name durable (step 2 of 2).
+
+        Returns (path, newly stored). The temporary file is always removed; an instance
+        already spooled is kept untouched (stored once).
         """
         final = self.path_for(study_uid, series_uid, sop_uid)
         try:
-            if not self.has_space():
-                raise OutOfSpace(
-                    f"free space {self.free_bytes() // MB} MB below {self.min_free_bytes // MB} MB"
-                )
-            with open(temp, "rb+") as fh:
-                os.fsync(fh.fileno())
             self._mkdirs(final.parent)
             try:
                 os.link(temp, final)
@@ -120,13 +122,32 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
 
+    def check_space(self) -> None:
+        if not self.has_space():
+            raise OutOfSpace(
+                f"free space {self.free_bytes() // MB} MB below {self.min_free_bytes // MB} MB"
+            )
+
+    def commit(
+        self, temp: Path, study_uid: str, series_uid: str, sop_uid: str
+    ) -> tuple[Path, bool]:
+        """Check space, sync and place ``temp``; the temporary file is always removed."""
+        try:
+            self.path_for(study_uid, series_uid, sop_uid)
+            self.check_space()
+            self.sync(temp)
+        except SpoolError:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            raise
+        return self.place(temp, study_uid, series_uid, sop_uid)
+
     def write(
         self, data: bytes, study_uid: str, series_uid: str, sop_uid: str
     ) -> tuple[Path, bool]:
         """Store encoded bytes durably (used when the SCP is not in chunked-receive mode)."""
         self.path_for(study_uid, series_uid, sop_uid)
-        if not self.has_space():
-            raise OutOfSpace("free space below the configured threshold")
+        self.check_space()
         fd, temp = self.temp_file()
         try:
             with os.fdopen(fd, "wb") as fh:

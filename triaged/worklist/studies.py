@@ -122,26 +122,39 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     ).one_or_none()
 
 
-def record_instance(
+class IdCache:
+    """Study and series row ids by UID, so that the SCP's hot path skips the upserts.
+
+    Only a hint: the fast path re-checks the study's state in the same statement and
+    falls back to the full upsert when the study is no longer RECEIVING.
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._ids: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def get(self, meta: InstanceMeta) -> tuple[int, int] | None:
+        return self._ids.get((meta.study_instance_uid, meta.series_instance_uid))
+
+    def put(self, meta: InstanceMeta, study_id: int, series_id: int) -> None:
+        if len(self._ids) >= self.max_entries:
+            self._ids.clear()
+        self._ids[(meta.study_instance_uid, meta.series_instance_uid)] = (study_id, series_id)
+
+
+def _insert_instance(
     session: Session,
     meta: InstanceMeta,
+    study_id: int,
+    series_id: int,
     path: str,
     size_bytes: int,
     association_id: int | None,
-    now: datetime | None = None,
+    now: datetime,
 ) -> bool:
-    """Record a spooled instance; returns False when the SOP Instance UID was known already.
-
-    A known instance is re-attributed to the current association (a resend confirms an
-    instance whose first association aborted). An arrival for a study past RECEIVING
-    reopens it: its pending scoring job is cancelled and it will be completed again.
-    """
-    now = now or utcnow()
-    study = _upsert_study(session, meta, now)
-    series = _upsert_series(session, study, meta, now)
     ins = _insert(session)(Instance).values(
-        study_id=study.id,
-        series_id=series.id,
+        study_id=study_id,
+        series_id=series_id,
         association_id=association_id,
         sop_instance_uid=meta.sop_instance_uid,
         sop_class_uid=meta.sop_class_uid,
@@ -161,8 +174,45 @@ def record_instance(
             .where(Instance.sop_instance_uid == meta.sop_instance_uid)
             .values(association_id=association_id, file_missing=False, path=path)
         )
-        if study.state == StudyState.RECEIVING:
-            return False
+    return created
+
+
+def record_instance(
+    session: Session,
+    meta: InstanceMeta,
+    path: str,
+    size_bytes: int,
+    association_id: int | None,
+    now: datetime | None = None,
+    cache: IdCache | None = None,
+) -> bool:
+    """Record a spooled instance; returns False when the SOP Instance UID was known already.
+
+    A known instance is re-attributed to the current association (a resend confirms an
+    instance whose first association aborted). An arrival for a study past RECEIVING
+    reopens it: its pending scoring job is cancelled and it will be completed again.
+    """
+    now = now or utcnow()
+    ids = cache.get(meta) if cache is not None else None
+    if ids is not None:
+        touched = session.execute(
+            update(Study)
+            .where(Study.id == ids[0], Study.state == StudyState.RECEIVING)
+            .values(last_received_at=now, updated_at=now)
+        ).rowcount
+        if touched:
+            return _insert_instance(
+                session, meta, ids[0], ids[1], path, size_bytes, association_id, now
+            )
+    study = _upsert_study(session, meta, now)
+    series = _upsert_series(session, study, meta, now)
+    if cache is not None:
+        cache.put(meta, study.id, series.id)
+    created = _insert_instance(
+        session, meta, study.id, series.id, path, size_bytes, association_id, now
+    )
+    if not created and study.state == StudyState.RECEIVING:
+        return False
     study.last_received_at = now
     study.updated_at = now
     if study.state != StudyState.RECEIVING:
