@@ -5,12 +5,21 @@ CPU fast mode = ``torch.autocast("cpu", bfloat16)`` + channels_last weights and 
 Precision-sensitive steps stay in float32 inside the models (heat-map sum and threshold,
 Inf-Net's sigmoid, the final sigmoids).
 
-Tolerance vs float32 (measured by ``tests/nets/test_inference.py`` on seeded random weights with
-BatchNorm statistics calibrated on random slices, 64x64 inputs): fusion-model probabilities
-within :data:`BF16_PROB_TOLERANCE` (absolute) and CNN probabilities within
-:data:`BF16_CNN_TOLERANCE`. The heat-map box may move by a feature-map cell when two
-activations tie within bfloat16's precision; that is the main source of difference.
-Re-measure on trained weights before relying on a threshold that close to a decision.
+Tolerance vs float32 (absolute difference of probabilities, measured on 2 cores with seeded
+random weights, BatchNorm statistics calibrated on phantom slices, 8 slices at 224x224):
+
+- global branch alone: DenseNet169 0.003, ResNet50 0.019, Lite0 0.014;
+- heat-map / infected / fusion outputs: DenseNet169 <= 0.061, Lite0 <= 0.034, ResNet50
+  <= 0.21 (heat-map branch), because the heat-map box moves by a few pixels when bfloat16
+  shifts the feature-map sum near tau, and random networks amplify that shift;
+- baseline CNN: < 1e-3.
+
+``tests/nets/test_inference.py`` holds these to :data:`BF16_BRANCH_TOLERANCE` (global branch)
+and :data:`BF16_PROB_TOLERANCE` (every output) on DenseNet169 at 64x64, and the CNN to
+:data:`BF16_CNN_TOLERANCE`. Random weights are a pessimistic proxy (an ImageNet-trained Lite0's
+pooled features differ by 3% in bfloat16, random ones by 14%); measure trained models with
+:func:`fast_mode_agreement` on validation slices and record it on the model card, and fall back
+to ``fast=False`` when it is too close to a decision threshold.
 """
 
 from __future__ import annotations
@@ -25,8 +34,9 @@ from torch import nn
 from triaged.nets.cbam import BaselineCNN, prob_covid
 from triaged.nets.fusion import FusionNet, FusionOutput
 
-BF16_PROB_TOLERANCE: Final = 0.05
-BF16_CNN_TOLERANCE: Final = 0.02
+BF16_BRANCH_TOLERANCE: Final = 0.03
+BF16_PROB_TOLERANCE: Final = 0.15
+BF16_CNN_TOLERANCE: Final = 0.01
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -126,3 +136,18 @@ def _cpu(out: FusionOutput) -> FusionOutput:
         conv(out.logit_fusion),
         explanation=expl,
     )
+
+
+def fast_mode_agreement(
+    model: FusionNet, images: torch.Tensor, device: torch.device | str | None = None
+) -> dict[str, float]:
+    """Largest absolute probability difference, fast mode vs float32, per output on ``images``.
+
+    Leaves the model prepared for fast mode.
+    """
+    ref = predict_fusion(prepare(model, device, fast=False), images, device, fast=False)
+    fast = predict_fusion(prepare(model, device, fast=True), images, device, fast=True)
+    return {
+        name: float((getattr(ref, name) - getattr(fast, name)).abs().max())
+        for name in ("p_global", "p_heatmap", "p_infected", "p_fusion")
+    }
