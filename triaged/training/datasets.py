@@ -85,11 +85,15 @@ def load_mask(sample: Sample) -> np.ndarray:
     return lut[raw]
 
 
+def stable_split_key(key: str, salt: str = "triaged") -> float:
+    """A uniform number in [0, 1) fixed by ``key``."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def stable_split(key: str, val_fraction: float, salt: str = "triaged") -> str:
     """'train' or 'val', fixed by a hash of ``key`` so reruns and new data never reshuffle."""
-    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    return "val" if u < val_fraction else "train"
+    return "val" if stable_split_key(key, salt) < val_fraction else "train"
 
 
 # ---------------------------------------------------------------------------- COVID-CT

@@ -40,6 +40,7 @@ from triaged.training.datasets import (
     SliceDataset,
     load_image,
     stable_split,
+    stable_split_key,
 )
 from triaged.training.loop import Phase, PhaseResult, Runtime, log, run_phase, write_json
 from triaged.training.preprocess import Preprocessing
@@ -125,6 +126,18 @@ def _safe(sample_id: str) -> str:
     return sample_id.replace("/", "__")
 
 
+def split_labelled(labelled: Sequence[Sample], fraction: float,
+                   ) -> tuple[list[Sample], list[Sample]]:
+    """(train, val): the stable-hash split, or at least one slice each when that is empty."""
+    train = [x for x in labelled if stable_split(x.group, fraction) == "train"]
+    val = [x for x in labelled if stable_split(x.group, fraction) == "val"]
+    if (not train or not val) and len(labelled) >= 2:
+        ranked = sorted(labelled, key=lambda x: stable_split_key(x.group))
+        k = max(1, round(fraction * len(ranked)))
+        val, train = list(ranked[:k]), list(ranked[k:])
+    return train, val
+
+
 @dataclass(frozen=True)
 class SemiResult:
     model: InfNet
@@ -140,8 +153,7 @@ def train_semi(labelled: Sequence[Sample], unlabelled: Sequence[Sample], s: Semi
                model: InfNet | None = None, progress: bool = True) -> SemiResult:
     """Run Algorithm 1 in ``run_dir``; resumes finished rounds and pseudo labels."""
     if val is None:
-        val = [x for x in labelled if stable_split(x.group, s.val_fraction) == "val"]
-        labelled = [x for x in labelled if stable_split(x.group, s.val_fraction) == "train"]
+        labelled, val = split_labelled(labelled, s.val_fraction)
     if not labelled or not val:
         raise ValueError("Algorithm 1 needs labelled slices for both training and validation")
     if model is None:
@@ -187,6 +199,8 @@ def train_semi(labelled: Sequence[Sample], unlabelled: Sequence[Sample], s: Semi
                       batch_size=s.batch_size, select={"": "dice"}, seed=s.seed + 1000 * k,
                       grad_clip=s.grad_clip, before_step=_rescale(s.scales, s.input_size))
         rounds.append(run_phase(phase, run_dir / f"round_{k:02d}", rt, progress))
+        if k > 0 and rt.is_main:  # only the latest round's weights are needed to resume
+            (run_dir / f"round_{k - 1:02d}" / "best.pt").unlink(missing_ok=True)
     model.eval()
     final = rounds[-1].metrics.get("dice", float("nan"))
     return SemiResult(model, rounds, float(final), len(labelled),

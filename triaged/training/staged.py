@@ -77,6 +77,7 @@ def head_metrics(labels: np.ndarray, probs: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
+@torch.no_grad()
 def collect(model: FusionNet, ds: Dataset[dict[str, Any]], heads: Sequence[str],
             rt: Runtime, batch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Labels and per-head probabilities over ``ds`` (no gradients; model as it is)."""
