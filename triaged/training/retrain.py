@@ -305,6 +305,7 @@ def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
     def register(name: str, model: nn.Module, card: ModelCard, val_set: Sequence[Sample]) -> None:
         if not rt.is_main:
             return
+        model.to("cpu")
         mv = store.register(name, model.state_dict(), card)
         versions.append(mv)
         messages.append(f"registered {mv.ref} ({_brief(card.metrics)})")
