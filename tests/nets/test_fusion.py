@@ -16,8 +16,10 @@ from triaged.nets.fusion import (
     STAGE_MODULES,
     FusionConfig,
     FusionNet,
+    init_branches_from_global,
     load_fusion,
     load_infnet_weights,
+    load_pretrained_backbones,
     pooled_features,
     save_fusion,
     set_stage,
@@ -165,3 +167,19 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown fusion config"):
         FusionConfig.from_dict({"colour": 1})
     assert FusionNet(FusionConfig(backbone="efficientnet-lite0"), tau=0.5).config.tau == 0.5
+
+
+def test_pretrained_init_and_branch_copy() -> None:
+    net = FusionNet(backbone="efficientnet-lite0", input_size=S, infnet_size=S)
+    reports = load_pretrained_backbones(net)
+    assert set(reports) == {"global_branch", "heatmap_branch", "infected_branch"}
+    assert all(r.missing == [] for r in reports.values())
+    with torch.no_grad():
+        net.global_branch.backbone.body._conv_head.weight.mul_(2.0)
+    init_branches_from_global(net)
+    torch.testing.assert_close(
+        net.infected_branch.backbone.body._conv_head.weight,
+        net.global_branch.backbone.body._conv_head.weight,
+    )
+    with pytest.raises(ValueError, match="local weights file"):
+        load_pretrained_backbones(FusionNet(backbone="resnet50", input_size=S, infnet_size=S))

