@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from triaged.nets.backbones import BACKBONES, build_backbone
 from triaged.nets.cbam import BaselineCNN
 from triaged.nets.fusion import FusionNet
-from triaged.nets.inference import inference_context, prepare
+from triaged.nets.inference import inference_context, prepare, wants_channels_last
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def images_per_second(
     The fastest pass, like ``timeit``: other processes on a shared machine only ever slow a
     pass down, so the minimum is the best estimate of what the hardware does.
     """
-    if fast:
+    if fast and wants_channels_last(model):
         x = x.contiguous(memory_format=torch.channels_last)
     times: list[float] = []
     with inference_context("cpu", fast=fast):
@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and args.only.lower() not in case.name.lower():
             continue
         torch.manual_seed(0)
-        for fast, mode in ((False, "float32"), (True, "bf16+cl")):
+        for fast in (False, True):
             model = prepare(case.build(), "cpu", fast=fast)
+            mode = "float32" if not fast else "bf16" + ("+cl" if wants_channels_last(model) else "")
             rates = []
             for b in batches:
                 rate = images_per_second(model, phantom(b, case.size), fast, min_seconds, max_reps)

@@ -65,3 +65,13 @@ def test_context_picks_cpu_here_and_autocasts() -> None:
         assert torch.is_inference_mode_enabled()
         y = torch.nn.Linear(4, 4)(torch.rand(2, 4))
     assert y.dtype == torch.bfloat16
+
+
+def test_channels_last_only_where_faster() -> None:
+    def is_cl(model: torch.nn.Module) -> bool:
+        w = model.features[2][0].weight  # 16 -> 32 conv (1-channel weights look both ways)
+        return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+    assert is_cl(prepare(BaselineCNN(cbam=False), "cpu"))
+    assert not is_cl(prepare(BaselineCNN(cbam=True), "cpu"))
+    assert not is_cl(prepare(BaselineCNN(cbam=False), "cpu", fast=False))

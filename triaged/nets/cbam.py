@@ -77,6 +77,8 @@ class BaselineCNN(nn.Module):
         super().__init__()
         self.cbam = cbam
         self.size = size
+        # measured: CBAM's small gate ops are slower in channels_last (bfloat16 is still faster)
+        self.channels_last_fast = not cbam
         blocks: list[nn.Module] = []
         c = in_channels
         for width in (16, 32, 64):

@@ -1,7 +1,9 @@
 """Inference on whatever device is there: CUDA when present, else the CPU's fastest mode.
 
-CPU fast mode = ``torch.autocast("cpu", bfloat16)`` + channels_last weights and inputs; on
-2 cores it is 2.5-7x faster than float32 for every network here (``bench/models.py``).
+CPU fast mode = ``torch.autocast("cpu", bfloat16)`` + channels_last weights and inputs (not
+for the CBAM CNN, see :func:`wants_channels_last`); it is 2-4x faster than float32 for the
+backbones and the fusion model, ~4x for the plain CNN, ~1.2x for the CBAM CNN
+(``bench/models.py``).
 Precision-sensitive steps stay in float32 inside the models (heat-map sum and threshold,
 Inf-Net's sigmoid, the final sigmoids).
 
@@ -68,11 +70,18 @@ def inference_context(
         yield dev
 
 
+def wants_channels_last(model: nn.Module) -> bool:
+    """Whether fast mode should use channels_last for this model (its ``channels_last_fast``
+    attribute, default True: every network here gains from it except the CBAM CNN, whose
+    tiny gate tensors run slower in that layout)."""
+    return bool(getattr(model, "channels_last_fast", True))
+
+
 def prepare(model: M, device: torch.device | str | None = None, fast: bool = True) -> M:
-    """Eval mode on the device; channels_last weights in fast mode."""
+    """Eval mode on the device; channels_last weights in fast mode where that is faster."""
     dev = resolve_device(device)
     model = model.eval().to(dev)
-    if fast:
+    if fast and wants_channels_last(model):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -103,7 +112,8 @@ def predict_fusion(
     parts: list[FusionOutput] = []
     with inference_context(device, fast) as dev:
         for batch in _batches(images, batch_size):
-            parts.append(_cpu(model(_to(batch, dev, fast), explain=explain)))
+            x = _to(batch, dev, fast and wants_channels_last(model))
+            parts.append(_cpu(model(x, explain=explain)))
     return FusionOutput.cat(parts)
 
 
@@ -118,7 +128,9 @@ def predict_cnn(
     out: list[torch.Tensor] = []
     with inference_context(device, fast) as dev:
         for batch in _batches(images, batch_size):
-            out.append(prob_covid(model(_to(batch, dev, fast))).cpu())
+            out.append(
+                prob_covid(model(_to(batch, dev, fast and wants_channels_last(model)))).cpu()
+            )
     return torch.cat(out)
 
 
