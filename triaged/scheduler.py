@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from triaged.config import AssemblySettings
@@ -38,6 +39,8 @@ def add_interval(
     def run() -> None:
         try:
             fn()
+        except OperationalError as err:  # database briefly unreachable: one line, retry later
+            log.error("scheduled job %s: database unavailable: %s", name, str(err.orig)[:200])
         except Exception:  # a periodic job must survive a transient failure
             log.exception("scheduled job %s failed", name)
 

@@ -10,27 +10,10 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.encaps import generate_fragments
 
 from triaged.dicom.spool import valid_uid
 from triaged.worklist.studies import InstanceMeta
-
-_TAGS = [
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "PatientID",
-    "AccessionNumber",
-    "StudyDate",
-    "StudyDescription",
-    "Modality",
-    "SeriesNumber",
-    "SeriesDescription",
-    "InstanceNumber",
-    "RequestedProcedurePriority",
-    "RequestAttributesSequence",
-]
 
 
 class BadInstance(Exception):
@@ -92,20 +75,60 @@ def meta_from_dataset(ds: Dataset, transfer_syntax_uid: str) -> InstanceMeta:
     )
 
 
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+UNDEFINED = 0xFFFFFFFF
+
+
+def check_complete(ds: Dataset) -> None:
+    """Refuse a dataset that ended early: pydicom silently accepts truncated values.
+
+    A dataset cut on the wire or on disk shows as a top-level value shorter than its
+    declared length, an image without its pixel data, native pixel data shorter than
+    rows x columns x samples x frames, or encapsulated pixel data whose fragments run
+    past the end.
+    """
+    for elem in ds._dict.values():  # raw elements: values not yet converted
+        length = getattr(elem, "length", None)
+        value = getattr(elem, "value", None)
+        if (
+            isinstance(value, bytes)
+            and length is not None
+            and length != UNDEFINED
+            and len(value) < length
+        ):
+            raise BadInstance(f"truncated dataset: element {elem.tag} is short")
+    if "Rows" in ds and not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise BadInstance("truncated dataset: image without pixel data")
+    if "PixelData" not in ds:
+        return
+    ts = ds.file_meta.TransferSyntaxUID
+    data = ds.PixelData
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if not ts.is_compressed:
+        bits = int(ds.BitsAllocated)
+        n = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames
+        expected = (n * bits + 7) // 8
+        if len(data) < expected:
+            raise BadInstance("truncated dataset: pixel data shorter than the image")
+        return
+    try:
+        fragments = list(generate_fragments(data))
+    except (ValueError, EOFError) as err:
+        raise BadInstance(f"truncated dataset: {err}"[:120]) from None
+    if not fragments:
+        raise BadInstance("truncated dataset: no pixel data fragments")
+
+
 def read_meta(path: Path) -> InstanceMeta:
-    """Parse a Part 10 file's header; BadInstance if it is not usable DICOM."""
+    """Parse a Part 10 file and check it is whole; BadInstance if it is not usable DICOM."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as err:
-        raise BadInstance(f"cannot parse dataset: {type(err).__name__}: {err}"[:200]) from None
-    except Exception as err:  # pydicom raises many kinds on corrupt input
-        raise BadInstance(f"cannot parse dataset: {type(err).__name__}"[:200]) from None
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if not ts:
-        raise BadInstance("no transfer syntax in file meta")
-    try:
+        ds = dcmread(path)
+        check_complete(ds)
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if not ts:
+            raise BadInstance("no transfer syntax in file meta")
         return meta_from_dataset(ds, str(ts))
     except BadInstance:
         raise
-    except Exception as err:
-        raise BadInstance(f"cannot read header: {type(err).__name__}: {err}"[:200]) from None
+    except Exception as err:  # pydicom raises many kinds on corrupt input
+        raise BadInstance(f"cannot parse dataset: {type(err).__name__}: {err}"[:200]) from None

@@ -14,12 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session
 
 from triaged.dicom.header import BadInstance, read_meta
 from triaged.dicom.spool import Spool
-from triaged.worklist.models import Instance
+from triaged.worklist.models import Association, AssociationState, Instance
 from triaged.worklist.studies import abort_open_associations, record_instance
 
 log = logging.getLogger("triaged.reconcile")
@@ -31,6 +31,7 @@ class ReconcileReport:
     associations_aborted: int
     files_indexed: int
     files_unreadable: int
+    rows_never_acknowledged: int
     rows_missing_file: int
 
 
@@ -39,11 +40,11 @@ def reconcile(spool: Spool, engine: Engine) -> ReconcileReport:
     with Session(engine) as s, s.begin():
         aborted = abort_open_associations(s)
         known = {
-            uid: path
-            for uid, path in s.execute(
-                select(Instance.sop_instance_uid, Instance.path).where(
-                    Instance.file_missing.is_(False)
-                )
+            uid: (path, assoc_state)
+            for uid, path, assoc_state in s.execute(
+                select(Instance.sop_instance_uid, Instance.path, Association.state)
+                .outerjoin(Association, Association.id == Instance.association_id)
+                .where(Instance.file_missing.is_(False))
             ).all()
         }
     indexed = unreadable = 0
@@ -61,19 +62,29 @@ def reconcile(spool: Spool, engine: Engine) -> ReconcileReport:
         with Session(engine) as s, s.begin():
             record_instance(s, meta, str(f.path), f.path.stat().st_size, None)
         indexed += 1
-    missing = [uid for uid, path in known.items() if uid not in on_disk and not Path(path).exists()]
-    if missing:
-        with Session(engine) as s, s.begin():
-            for i in range(0, len(missing), 500):
-                s.execute(
-                    update(Instance)
-                    .where(Instance.sop_instance_uid.in_(missing[i : i + 500]))
-                    .values(file_missing=True)
-                )
-    report = ReconcileReport(removed, aborted, indexed, unreadable, len(missing))
+    gone = [
+        (uid, state)
+        for uid, (path, state) in known.items()
+        if uid not in on_disk and not Path(path).exists()
+    ]
+    # The SCP records the row while the file is being synced and answers Success only once
+    # the file is in place: a row without file from an association that died was never
+    # acknowledged, so it is dropped; any other missing file is marked for the operator.
+    unacked = [uid for uid, state in gone if state == AssociationState.ABORTED]
+    missing = [uid for uid, state in gone if state != AssociationState.ABORTED]
+    with Session(engine) as s, s.begin():
+        for i in range(0, len(unacked), 500):
+            s.execute(delete(Instance).where(Instance.sop_instance_uid.in_(unacked[i : i + 500])))
+        for i in range(0, len(missing), 500):
+            s.execute(
+                update(Instance)
+                .where(Instance.sop_instance_uid.in_(missing[i : i + 500]))
+                .values(file_missing=True)
+            )
+    report = ReconcileReport(removed, aborted, indexed, unreadable, len(unacked), len(missing))
     log.info(
         "reconciled spool and database: %d temp files removed, %d associations marked aborted, "
-        "%d files indexed, %d unreadable, %d rows without file",
+        "%d files indexed, %d unreadable, %d unacknowledged rows dropped, %d rows without file",
         *(getattr(report, k) for k in report.__dataclass_fields__),
     )
     return report

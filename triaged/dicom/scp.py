@@ -46,6 +46,7 @@ from triaged.worklist.models import AssociationState
 from triaged.worklist.studies import (
     IdCache,
     close_association,
+    forget_instance,
     open_association,
     record_instance,
 )
@@ -318,8 +319,9 @@ class StoreSCP:
                 temp, meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
             )
         except SpoolError as err:
-            # The row exists but the file does not: restart reconciliation marks it
-            # missing, and the resend that follows this failure status restores it.
+            if created:  # never acknowledged: take the row back so nothing dangles
+                with Session(self.engine) as s, s.begin():
+                    forget_instance(s, meta.sop_instance_uid)
             return self._fail(st, OUT_OF_RESOURCES, str(err), req_uid)
         with st.lock:
             if created:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, and_, exists, func, or_, select, update
+from sqlalchemy import Engine, and_, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -90,12 +90,12 @@ def _upsert_study(session: Session, meta: InstanceMeta, now: datetime) -> Study:
         updated_at=now,
     )
     created = session.execute(
-        ins.on_conflict_do_nothing(index_elements=["study_instance_uid"])
-    ).rowcount
+        ins.on_conflict_do_nothing(index_elements=["study_instance_uid"]).returning(Study.id)
+    ).first()
     study = session.scalars(
         select(Study).where(Study.study_instance_uid == meta.study_instance_uid)
     ).one()
-    if created:
+    if created is not None:
         session.add(StudyEvent(study_id=study.id, state=StudyState.RECEIVING, at=now))
         log.info("study %s -> RECEIVING", study.study_instance_uid)
     return study
@@ -165,8 +165,12 @@ def _insert_instance(
         received_at=now,
         file_missing=False,
     )
-    created = bool(
-        session.execute(ins.on_conflict_do_nothing(index_elements=["sop_instance_uid"])).rowcount
+    # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
+    created = (
+        session.execute(
+            ins.on_conflict_do_nothing(index_elements=["sop_instance_uid"]).returning(Instance.id)
+        ).first()
+        is not None
     )
     if not created:
         session.execute(
@@ -218,6 +222,11 @@ def record_instance(
     if study.state != StudyState.RECEIVING:
         reopen(session, study, now)
     return created
+
+
+def forget_instance(session: Session, sop_instance_uid: str) -> None:
+    """Remove the row of an instance whose file could not be placed (never acknowledged)."""
+    session.execute(delete(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
 def reopen(session: Session, study: Study, now: datetime) -> None:
