@@ -138,14 +138,49 @@ def saved(results: ResultObjects, tmp_path_factory: pytest.TempPathFactory) -> d
     return paths
 
 
-@pytest.mark.parametrize("name", ["sr", "sc", "seg"])
-def test_dciodvfy_reports_no_error(saved: dict[str, Path], name: str) -> None:
+def _dciodvfy_errors(path: Path) -> tuple[list[str], str]:
     run = subprocess.run(
-        ["dciodvfy", "-new", str(saved[name])], capture_output=True, text=True, timeout=60
+        ["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60
     )
     lines = (run.stdout + run.stderr).splitlines()
-    errors = [line for line in lines if line.startswith("Error")]
-    assert errors == [], "\n".join(lines)
+    return [line for line in lines if line.startswith("Error")], "\n".join(lines)
+
+
+@pytest.mark.parametrize("name", ["sr", "sc", "seg"])
+def test_dciodvfy_reports_no_error(saved: dict[str, Path], name: str) -> None:
+    errors, report = _dciodvfy_errors(saved[name])
+    assert errors == [], report
+
+
+def test_anonymised_negative_study_without_cbam_is_valid(tmp_path: Path) -> None:
+    """Sources lacking Type 2 patient/study values, no CBAM score, nothing infected."""
+    sources = _ct_series(n=6)
+    blanked = ("PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID")
+    for ds in sources:
+        for keyword in blanked:
+            delattr(ds, keyword)
+    findings = StudyFindings(
+        fusion_probability=0.02,
+        cbam_probability=None,
+        threshold=0.5,
+        positive=False,
+        key_slice_index=2,
+        heatmap=np.zeros((ROWS, COLS)),
+        infected_masks={},
+        model=ModelInfo("fusion-densenet169", "2024.01.1"),
+        cbam_model=None,
+        evidence_indices=[1, 2, 3],
+    )
+    result = build_results(sources, findings, result_key="job-anon")
+    assert result.seg is None
+    assert [d.Modality for d in result.datasets()] == ["SR", "OT"]
+    assert all(keyword not in sources[0] for keyword in blanked), "sources were modified"
+    assert len([it for it in _content_items(result.sr) if it.ValueType == "NUM"]) == 1
+    for ds in result.datasets():
+        path = tmp_path / f"{ds.Modality}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        errors, report = _dciodvfy_errors(path)
+        assert errors == [], report
 
 
 def _content_items(item: pydicom.Dataset) -> list[pydicom.Dataset]:

@@ -265,6 +265,39 @@ def _check_sources(source_datasets: Sequence[pydicom.Dataset], findings: StudyFi
             raise ValueError(f"infected mask of slice {index} does not match its image size")
 
 
+#: Type 2 Patient and General Study attributes; empty when the source lacks them (anonymised
+#: studies often do), since highdicom's SR constructor reads them unconditionally.
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+
+
+def _header(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The source instance without its pixels, with missing Type 2 patient/study made empty.
+
+    References need only the header; leaving the caller's dataset untouched keeps this pure.
+    """
+    header = pydicom.Dataset()
+    for element in ds:
+        if element.tag not in _PIXEL_TAGS:
+            header.add(element)
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
+
+
 def _algorithm_parameters(findings: StudyFindings) -> dict[str, str]:
     return {"threshold": f"{findings.threshold:.4g}"}
 
@@ -287,7 +320,7 @@ def build_report(
     Present/Absent evaluation at the threshold; the evidence slices are its source images.
     """
     evidence_indices = sorted({*findings.evidence_indices, findings.key_slice_index})
-    evidence = [source_datasets[i] for i in evidence_indices]
+    evidence = [_header(source_datasets[i]) for i in evidence_indices]
     parameters = [f"{k}={v}" for k, v in _algorithm_parameters(findings).items()]
 
     def algorithm(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
@@ -462,7 +495,7 @@ def build_segmentation(
         anatomic_regions=[LUNG],
     )
     seg = hd.seg.Segmentation(
-        source_images=[source_datasets[i] for i in indices],
+        source_images=[_header(source_datasets[i]) for i in indices],
         pixel_array=masks,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
