@@ -149,7 +149,9 @@ class Daemon:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process lifetime
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "triaged.cli", "serve", "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -179,7 +181,9 @@ class Daemon:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "triaged.cli", *args, "--config", str(self.config)],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
 
     def worklist(self) -> list[dict[str, Any]]:
@@ -217,22 +221,41 @@ def make_daemon(tmp_path: Path) -> Iterator[Any]:
 
 
 def storescu(
-    port: int, *paths: Path | str, aet: str = "STORESCU", aec: str = "TRIAGED",
-    extra: tuple[str, ...] = (), timeout: float = 300,
+    port: int,
+    *paths: Path | str,
+    aet: str = "STORESCU",
+    aec: str = "TRIAGED",
+    extra: tuple[str, ...] = (),
+    timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
     """dcmtk storescu over loopback, verbose so that every response status is printed."""
     assert shutil.which("storescu"), "dcmtk is not installed (.ci/run installs it)"
     return subprocess.run(
-        ["storescu", "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port),
-         *map(str, paths)],
-        capture_output=True, text=True, env=DCMTK_ENV, timeout=timeout,
+        [
+            "storescu",
+            "-v",
+            "-aet",
+            aet,
+            "-aec",
+            aec,
+            *extra,
+            "127.0.0.1",
+            str(port),
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=timeout,
     )
 
 
 def echoscu(port: int, aec: str = "TRIAGED", extra: tuple[str, ...] = ()) -> int:
     return subprocess.run(
         ["echoscu", "-aec", aec, *extra, "127.0.0.1", str(port)],
-        capture_output=True, env=DCMTK_ENV, timeout=60,
+        capture_output=True,
+        env=DCMTK_ENV,
+        timeout=60,
     ).returncode
 
 

@@ -156,6 +156,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- demo ----------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from triaged.demo import run_demo
+
+    _setup_logging("WARNING")
+    return run_demo(Path(args.workdir), studies=args.studies, slices=args.slices, size=args.size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="triaged",
@@ -192,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     pos.add_argument("--negative", dest="positive", action="store_false")
     p.set_defaults(func=cmd_synth)
 
+    p = sub.add_parser("demo", help="end-to-end demo on synthetic studies (not for clinical use)")
+    p.add_argument("--workdir", default="demo", help="folder for everything the demo makes")
+    p.add_argument("--studies", type=int, default=4)
+    p.add_argument("--slices", type=int, default=32)
+    p.add_argument("--size", type=int, default=128)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

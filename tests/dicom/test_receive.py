@@ -179,7 +179,9 @@ def _compressed_samples() -> list[Path]:
 
 def test_compressed_transfer_syntaxes_are_stored_and_decode(make_daemon, tmp_path) -> None:
     samples = _compressed_samples()
-    study = generate_study(tmp_path / "rle", seed=5, slices=2, size=32, transfer_syntax="RLELossless")
+    study = generate_study(
+        tmp_path / "rle", seed=5, slices=2, size=32, transfer_syntax="RLELossless"
+    )
     d = make_daemon().start()
     for f in [*samples, *study.files]:
         out = send_unconverted(d.port, f)
@@ -231,7 +233,10 @@ def test_sigkill_during_transfer_loses_nothing_acknowledged(make_daemon, db_url,
     d = make_daemon(db_url).start()
     proc = subprocess.Popen(
         ["storescu", "-v", "-aec", "TRIAGED", "127.0.0.1", str(d.port), *map(str, study.files)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=DCMTK_ENV,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(spool_files(d.spool)) < 30:
@@ -261,25 +266,65 @@ def _openssl(*args: str, cwd: Path) -> None:
 def make_pki(folder: Path) -> dict[str, Path]:
     """A private CA with a server and a client certificate (for mutual TLS)."""
     folder.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", "ca.key", "-out", "ca.crt", cwd=folder)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        cwd=folder,
+    )
     for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=folder)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=folder,
+        )
         ext = folder / f"{name}.ext"
         ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-extfile", ext.name, "-out", f"{name}.crt",
-                 cwd=folder)
-    return {n: folder / n for n in ("ca.crt", "server.crt", "server.key", "client.crt",
-                                    "client.key")}
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext.name,
+            "-out",
+            f"{name}.crt",
+            cwd=folder,
+        )
+    return {
+        n: folder / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")
+    }
 
 
 def test_tls_association(make_daemon, tmp_path) -> None:
     pki = make_pki(tmp_path / "pki")
     study = generate_study(tmp_path / "s", seed=8, slices=2, size=32)
-    tls = {"cert": str(pki["server.crt"]), "key": str(pki["server.key"]),
-           "ca": str(pki["ca.crt"])}
+    tls = {"cert": str(pki["server.crt"]), "key": str(pki["server.key"]), "ca": str(pki["ca.crt"])}
     d = make_daemon(dicom={"tls": tls}).start()
     tls_args = ("+tls", str(pki["client.key"]), str(pki["client.crt"]), "+cf", str(pki["ca.crt"]))
     ok = storescu(d.port, *study.files, extra=tls_args)
@@ -287,8 +332,7 @@ def test_tls_association(make_daemon, tmp_path) -> None:
     assert store_statuses(ok.stderr + ok.stdout) == ["Success"] * len(study.files)
     plain = storescu(d.port, *study.files)
     assert plain.returncode != 0
-    no_client_cert = storescu(d.port, *study.files, extra=("+tla", "+cf",
-                                                            str(pki["ca.crt"])))
+    no_client_cert = storescu(d.port, *study.files, extra=("+tla", "+cf", str(pki["ca.crt"])))
     assert no_client_cert.returncode != 0
     assert echoscu(d.port, extra=tls_args) == 0
     assert len(spool_files(d.spool)) == len(study.files)
@@ -301,8 +345,12 @@ def test_bad_config_is_one_line_exit_2(tmp_path, bad) -> None:
     section, assignment = bad.split(".", 1)
     cfg = tmp_path / "c.toml"
     cfg.write_text(f"[{section}]\n{assignment}\n")
-    out = subprocess.run([sys.executable, "-m", "triaged.cli", "serve", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "triaged.cli", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1
     key = assignment.split(" ")[0]

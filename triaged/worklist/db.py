@@ -81,6 +81,10 @@ def _alembic_config(engine: Engine) -> AlembicConfig:
     return cfg
 
 
+def _first_line(err: OperationalError) -> str:
+    return str(err.orig).strip().splitlines()[0] if str(err.orig).strip() else str(err)
+
+
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
@@ -95,7 +99,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     try:
         command.upgrade(_alembic_config(engine), revision)
     except OperationalError as err:
-        raise DatabaseError(f"database not reachable: {err.orig}") from None
+        raise DatabaseError(f"database not reachable: {_first_line(err)}") from None
 
 
 def ensure_schema(engine: Engine) -> None:
@@ -107,7 +111,7 @@ def ensure_schema(engine: Engine) -> None:
     try:
         cur = current_revision(engine)
     except OperationalError as err:
-        raise DatabaseError(f"database not reachable: {err.orig}") from None
+        raise DatabaseError(f"database not reachable: {_first_line(err)}") from None
     head = head_revision()
     if cur is None:
         upgrade(engine)

@@ -1,0 +1,172 @@
+"""The worklist database on SQLite and PostgreSQL: arrivals, completion, reopening, the job
+queue with leases, and restart reconciliation."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from triaged.dicom.reconcile import reconcile
+from triaged.dicom.spool import Spool
+from triaged.synthetic import generate_study
+from triaged.worklist import jobs
+from triaged.worklist.models import (
+    AssociationState,
+    Instance,
+    Job,
+    JobState,
+    Study,
+    StudyEvent,
+    utcnow,
+)
+from triaged.worklist.studies import (
+    IdCache,
+    InstanceMeta,
+    close_association,
+    complete_due_studies,
+    list_studies,
+    open_association,
+    record_instance,
+)
+
+
+def meta(i: int, study: str = "1.2.3", series: str = "1.2.3.1") -> InstanceMeta:
+    return InstanceMeta(
+        study,
+        series,
+        f"{series}.{i}",
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.1.2.1",
+        patient_id="P1",
+        modality="CT",
+    )
+
+
+def test_completion_after_quiet_period_and_reopen(engine: sa.Engine) -> None:
+    t0 = utcnow()
+    cache = IdCache()
+    with Session(engine) as s, s.begin():
+        a = open_association(s, "PACS", "127.0.0.1:1")
+        for i in range(3):
+            assert record_instance(s, meta(i), f"/x/{i}", 10, a, now=t0, cache=cache)
+        assert not record_instance(s, meta(0), "/x/0", 10, a, now=t0, cache=cache)
+    with Session(engine) as s, s.begin():
+        # association still open: the study waits although it is quiet
+        assert complete_due_studies(s, 5, 600, now=t0 + timedelta(seconds=10)) == []
+        close_association(s, a, AssociationState.RELEASED, 3, 0)
+    with Session(engine) as s, s.begin():
+        assert complete_due_studies(s, 5, 600, now=t0 + timedelta(seconds=4)) == []
+        assert complete_due_studies(s, 5, 600, now=t0 + timedelta(seconds=6)) == ["1.2.3"]
+    with Session(engine) as s:
+        (row,) = list_studies(s)
+        assert (row.state, row.num_instances, row.num_series) == ("QUEUED", 3, 1)
+        assert s.scalar(sa.select(sa.func.count()).select_from(Job)) == 1
+    # a late instance reopens the study and cancels the queued job
+    with Session(engine) as s, s.begin():
+        assert record_instance(
+            s, meta(9), "/x/9", 10, None, now=t0 + timedelta(seconds=7), cache=cache
+        )
+    with Session(engine) as s:
+        assert s.scalars(sa.select(Study.state)).one() == "RECEIVING"
+        assert s.scalars(sa.select(Job.state)).one() == JobState.CANCELLED
+        states = s.scalars(sa.select(StudyEvent.state).order_by(StudyEvent.id)).all()
+        assert states == ["RECEIVING", "COMPLETE", "QUEUED", "RECEIVING"]
+
+
+def test_aborted_association_waits_for_resend_or_max_wait(engine: sa.Engine) -> None:
+    t0 = utcnow()
+    with Session(engine) as s, s.begin():
+        a = open_association(s, "PACS", "p")
+        record_instance(s, meta(1, "9.9", "9.9.1"), "/y/1", 1, a, now=t0)
+        close_association(s, a, AssociationState.ABORTED, 1, 0)
+    with Session(engine) as s, s.begin():
+        assert complete_due_studies(s, 5, 60, now=t0 + timedelta(seconds=30)) == []
+    with Session(engine) as s, s.begin():
+        b = open_association(s, "PACS", "p")
+        record_instance(s, meta(1, "9.9", "9.9.1"), "/y/1", 1, b, now=t0 + timedelta(seconds=31))
+        close_association(s, b, AssociationState.RELEASED, 1, 0)
+    with Session(engine) as s, s.begin():
+        assert complete_due_studies(s, 5, 600, now=t0 + timedelta(seconds=40)) == ["9.9"]
+    with Session(engine) as s, s.begin():
+        c = open_association(s, "PACS", "p")
+        record_instance(s, meta(1, "8.8", "8.8.1"), "/z/1", 1, c, now=t0)
+        close_association(s, c, AssociationState.ABORTED, 1, 0)
+    with Session(engine) as s, s.begin():
+        assert complete_due_studies(s, 5, 60, now=t0 + timedelta(seconds=61)) == ["8.8"]
+
+
+def _queue(engine: sa.Engine, n: int) -> None:
+    now = utcnow()
+    with Session(engine) as s, s.begin():
+        for i in range(n):
+            record_instance(s, meta(0, f"5.{i}", f"5.{i}.1"), "/p", 1, None, now=now)
+        complete_due_studies(s, 0.0001, 600, now=now + timedelta(seconds=1))
+
+
+def test_claims_are_exclusive_and_leases_expire(engine: sa.Engine) -> None:
+    _queue(engine, 6)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while (job := jobs.claim(engine, name, 60)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 6
+    assert jobs.claim(engine, "late", 60) is None
+    # a lease that is not renewed expires and the job can be taken by another worker
+    later = utcnow() + timedelta(seconds=61)
+    stolen = jobs.claim(engine, "rescuer", 60, now=later)
+    assert stolen is not None and stolen.attempts == 2
+    assert not jobs.renew(engine, stolen.id, "w0", 60)
+    assert jobs.renew(engine, stolen.id, "rescuer", 60)
+    with Session(engine) as s, s.begin():
+        assert jobs.still_owned(s, stolen.id, "rescuer")
+        jobs.finish(s, stolen.id, JobState.DONE)
+    assert jobs.queue_depth(engine) == 0
+
+
+def test_reconcile_indexes_files_and_marks_missing(engine: sa.Engine, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1)
+    study = generate_study(tmp_path / "src", seed=11, slices=3, size=32)
+    from triaged.dicom.header import read_meta
+
+    placed = []
+    for f in study.files:
+        m = read_meta(f)
+        path, new = spool.write(
+            f.read_bytes(), m.study_instance_uid, m.series_instance_uid, m.sop_instance_uid
+        )
+        assert new
+        placed.append((m, path))
+    (spool.incoming / "leftover.dcm").write_bytes(b"partial")
+    # a row whose file is gone (deleted by an operator after a released association)
+    with Session(engine) as s, s.begin():
+        a = open_association(s, "PACS", "p")
+        record_instance(s, meta(1, "7.7", "7.7.1"), str(tmp_path / "gone.dcm"), 1, a)
+        close_association(s, a, AssociationState.RELEASED, 1, 0)
+        # and one from an association that died before acknowledging its instance
+        b = open_association(s, "PACS", "p")
+        record_instance(s, meta(2, "7.7", "7.7.1"), str(tmp_path / "never.dcm"), 1, b)
+    report = reconcile(spool, engine)
+    assert report.files_indexed == len(study.files)
+    assert report.temp_files_removed == 1
+    assert report.associations_aborted == 1
+    assert report.rows_missing_file == 1
+    assert report.rows_never_acknowledged == 1
+    with Session(engine) as s:
+        rows = {i.sop_instance_uid: i for i in s.scalars(sa.select(Instance))}
+    assert rows["7.7.1.1"].file_missing
+    assert "7.7.1.2" not in rows
+    assert all(m.sop_instance_uid in rows for m, _ in placed)
+    assert reconcile(spool, engine).files_indexed == 0
