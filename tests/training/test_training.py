@@ -19,7 +19,7 @@ from triaged.training.builders import load_version
 from triaged.training.cli import main as cli_main
 from triaged.training.datasets import Sample, synthetic
 from triaged.training.loop import setup_runtime
-from triaged.training.retrain import RetrainError, RetrainOptions, retrain
+from triaged.training.retrain import RetrainError, RetrainOptions, evaluate_version, retrain
 from triaged.training.staged import FusionSettings, build_fusion, run_stage
 
 TINY_FUSION = {"input_size": 64, "infnet_size": 32, "epochs": 1, "batch_size": 4}
@@ -75,6 +75,13 @@ def test_end_to_end_retrain_registers_and_promotes(tmp_path: Path) -> None:
         assert torch.equal(model.infnet.state_dict()[k], v)  # type: ignore[union-attr]
     out = model(torch.rand(2, 1, 64, 64))
     assert out.p_fusion.shape == (2,)
+    # Registered versions evaluate on new slices exactly as their cards say.
+    fresh = synthetic(tmp_path / "fresh", 6, size=64, seed=9)
+    labelled = fresh["train"] + fresh["val"]
+    cnn_fig = evaluate_version(store.get("cbam-cnn", "v1"), labelled)
+    assert cnn_fig["n"] == 6 and 0.0 <= cnn_fig["accuracy"] <= 1.0
+    seg_fig = evaluate_version(store.get("infnet", "v1"), [x for x in labelled if x.label])
+    assert 0.0 <= seg_fig["dice"] <= 1.0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["stages"] == ["infnet", "1", "2", "3", "cbam"]
     # Same run folder, different options: refused rather than silently mixed.

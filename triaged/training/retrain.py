@@ -136,6 +136,7 @@ class DataBundle:
         default_factory=lambda: {"train": [], "val": [], "test": []})
     seg_labelled: list[Sample] = field(default_factory=list)
     seg_unlabelled: list[Sample] = field(default_factory=list)
+    seg_test: list[Sample] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
 
@@ -156,6 +157,7 @@ def gather_data(opts: RetrainOptions, run_dir: Path) -> DataBundle:
             semi = covid_semiseg(path)
             b.seg_labelled += semi.labelled
             b.seg_unlabelled += semi.unlabelled
+            b.seg_test += semi.test
         elif kind == "medseg":
             b.seg_labelled += [s for s in medseg_png(path) if s.split != "test"]
         elif kind == "synthetic":
@@ -229,6 +231,27 @@ def _figure(mv_or_model: ModelVersion | nn.Module, samples: Sequence[Sample],
     labels, probs = _cls_score(model, arch, samples, prep, 16)
     value = M.auc(labels, probs)
     return M.accuracy(labels, M.predictions(probs)) if math.isnan(value) else value
+
+
+def evaluate_model(model: nn.Module, arch: str, samples: Sequence[Sample],
+                   prep: Preprocessing, seed: int = 0) -> dict[str, Any]:
+    """Figures of a model on labelled slices: Dice (mean over slices) for Inf-Net, else the
+    full classification report (accuracy, F1, AUC with bootstrap intervals...)."""
+    if arch == "infnet":
+        from triaged.training.loop import Runtime
+
+        ds = SliceDataset(samples, prep, with_mask=True)
+        return {"n": len(samples), "dice": mean_dice(model, ds,  # type: ignore[arg-type]
+                                                     Runtime(torch.device("cpu"), "fp32"), 8)}
+    labels, probs = _cls_score(model, arch, samples, prep, 16)
+    return M.report(labels, probs, seed=seed).as_dict()
+
+
+def evaluate_version(mv: ModelVersion, samples: Sequence[Sample], seed: int = 0,
+                     ) -> dict[str, Any]:
+    """:func:`evaluate_model` of a registered version, fed as its card says."""
+    return evaluate_model(load_version(mv), mv.card.architecture.name, samples,
+                          Preprocessing.from_card(mv.card.preprocessing), seed)
 
 
 def _promote(store: ModelStore, mv: ModelVersion, model: nn.Module,
@@ -336,7 +359,10 @@ def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
                      data, f"doctor-labelled slices, {s.val_fraction:.0%} held out by a stable "
                      "hash for validation; unlabelled pool pseudo-labelled in rounds",
                      {"labelled": res.n_labelled, "pseudo": res.n_pseudo, "val": res.n_val},
-                     {"dice": res.val_dice, "rounds": [r.best for r in res.rounds]},
+                     {"dice": res.val_dice, "rounds": [r.best for r in res.rounds],
+                      **({"test": evaluate_model(res.model.cpu(), "infnet", data.seg_test,
+                                                 Preprocessing(size=s.input_size))}
+                         if opts.report_test and data.seg_test else {})},
                      s.as_card(), Preprocessing(size=s.input_size), s.seed)
         register("infnet", res.model, card, val_seg)
     elif opts.infnet_from:
@@ -446,5 +472,5 @@ def load_options(path: Path, **overrides: Any) -> RetrainOptions:
     return RetrainOptions.model_validate({**read_options_file(path), **overrides})
 
 
-__all__ = ["RegistryError", "RetrainError", "RetrainOptions", "RetrainResult", "load_options",
-           "read_options_file", "retrain"]
+__all__ = ["RegistryError", "RetrainError", "RetrainOptions", "RetrainResult", "evaluate_model",
+           "evaluate_version", "load_options", "read_options_file", "retrain"]
