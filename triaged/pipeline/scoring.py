@@ -1,0 +1,311 @@
+"""Score one study: select its series, prepare slices, run the models, aggregate, prioritise.
+
+The one entry point the worker and ``triaged score`` share::
+
+    models = load_models(pipeline, store, previous=models)   # before each study
+    result = score_study(paths, pipeline, models)
+    if isinstance(result, Skip): ...                           # SKIPPED with result.reason
+    else: findings = result.to_findings(); build_results(result.datasets, findings, ...)
+
+Pure apart from reading the study's files: no database, network or global state, so the daemon
+and the offline CLI give exactly the same numbers for the same files (same pipeline, same
+model versions, same device). Determinism: slices, batches and their order are a function of
+the files and the pipeline; ties (equal probabilities) resolve to the lower slice index.
+
+A study the pipeline cannot score is a :class:`Skip` with a reason (no eligible series, no
+slice containing lung, no model), never a made-up score.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from monai.transforms import MapTransform
+
+from triaged.dicom.results import ModelInfo, StudyFindings
+from triaged.nets.explain import fusion_cam
+from triaged.nets.inference import inference_context, predict_cnn, predict_fusion
+from triaged.pipeline import transforms as T
+from triaged.pipeline.aggregate import aggregate
+from triaged.pipeline.definition import Pipeline
+from triaged.pipeline.models import LoadedModel, LoadedModels
+from triaged.pipeline.priority import prioritise, requested_priority
+
+
+@dataclass(frozen=True)
+class Skip:
+    """The study was not scored, and why (recorded as the job's SKIPPED reason)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class StudyScore:
+    """Everything scoring concluded about one study.
+
+    Slice indices are positions in :attr:`datasets`, the selected series sorted along the
+    slice normal: pass that very list to ``results.build_results``. Heat-maps and infection
+    masks are on the stored pixel grid of their source instance (rows, cols).
+    """
+
+    pipeline: str
+    study_instance_uid: str
+    series_instance_uid: str
+    datasets: tuple[pydicom.Dataset, ...] = field(repr=False)
+    slice_indices: tuple[int, ...]
+    fusion_slice_probabilities: tuple[float, ...]
+    cbam_slice_probabilities: tuple[float, ...] | None
+    fusion_probability: float
+    cbam_probability: float | None
+    key_slice_index: int
+    top_slice_indices: tuple[int, ...]
+    heatmaps: dict[int, np.ndarray] = field(repr=False)
+    infected_masks: dict[int, np.ndarray] = field(repr=False)
+    threshold: float
+    positive: bool
+    priority: int
+    flag: bool
+    requested_priority: str | None
+    model: ModelInfo
+    cbam_model: ModelInfo | None
+    outputs: tuple[str, ...]
+    timings: dict[str, float]
+
+    def to_findings(self) -> StudyFindings:
+        """The input of ``triaged.dicom.results.build_results`` (masks only when SEG is on)."""
+        return StudyFindings(
+            fusion_probability=self.fusion_probability,
+            cbam_probability=self.cbam_probability,
+            threshold=self.threshold,
+            positive=self.positive,
+            key_slice_index=self.key_slice_index,
+            heatmap=self.heatmaps[self.key_slice_index],
+            infected_masks=dict(self.infected_masks) if "seg" in self.outputs else {},
+            model=self.model,
+            cbam_model=self.cbam_model,
+            evidence_indices=self.top_slice_indices,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (no pixels): for ``triaged score --json``, logs and the DB."""
+        def sop(i: int) -> str:
+            return str(self.datasets[i].get("SOPInstanceUID", ""))
+
+        return {
+            "pipeline": self.pipeline,
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "fusion_probability": self.fusion_probability,
+            "cbam_probability": self.cbam_probability,
+            "threshold": self.threshold,
+            "positive": self.positive,
+            "priority": self.priority,
+            "flag": self.flag,
+            "requested_priority": self.requested_priority,
+            "model": {"name": self.model.name, "version": self.model.version},
+            "cbam_model": (
+                None
+                if self.cbam_model is None
+                else {"name": self.cbam_model.name, "version": self.cbam_model.version}
+            ),
+            "key_slice": {"index": self.key_slice_index, "sop_instance_uid": sop(
+                self.key_slice_index)},
+            "top_slices": [{"index": i, "sop_instance_uid": sop(i)}
+                           for i in self.top_slice_indices],
+            "slices": [
+                {
+                    "index": i,
+                    "fusion": p,
+                    "cbam": None if self.cbam_slice_probabilities is None
+                    else self.cbam_slice_probabilities[n],
+                }
+                for n, (i, p) in enumerate(
+                    zip(self.slice_indices, self.fusion_slice_probabilities, strict=True)
+                )
+            ],
+            "infected_pixels": {str(i): int(m.sum()) for i, m in self.infected_masks.items()},
+            "outputs": list(self.outputs),
+            "timings": dict(self.timings),
+        }
+
+
+class _Clock:
+    """Wall time per named stage (seconds), in the order the stages ran."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _require_models(models: LoadedModels) -> LoadedModel | Skip:
+    fusion = models.fusion
+    if fusion is None:
+        reason = models.missing.get("fusion", "fusion model not loaded")
+        return Skip(f"no model: {reason}")
+    return fusion
+
+
+def preparation_for(pipeline: Pipeline, models: LoadedModels) -> list[MapTransform]:
+    """The pipeline's transforms after loading (orientation -> ... -> model inputs).
+
+    Run one after the other rather than through ``Compose``, which would wrap
+    :class:`~triaged.pipeline.transforms.NoLungError` in a bare ``RuntimeError``.
+    """
+    pre = pipeline.preprocess
+    steps = T.preparation_steps(
+        count=pre.slices,
+        threshold=pre.lung_threshold,
+        lung_hu=pre.lung_hu,
+        level=pre.window_level,
+        width=pre.window_width,
+        inputs={role: m.preprocessing for role, m in models.models.items()},
+    )
+    return steps
+
+
+def _top(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` highest values, ties to the lower position."""
+    order = np.argsort(-probabilities, kind="stable")
+    return order[: min(k, probabilities.size)]
+
+
+def score_prepared(
+    data: Mapping[Hashable, Any],
+    pipeline: Pipeline,
+    models: LoadedModels,
+    *,
+    requested: str | None = None,
+    clock: _Clock | None = None,
+) -> StudyScore | Skip:
+    """Score a study already prepared by the transforms (keys of :mod:`transforms`).
+
+    ``requested``: the order's requested priority; None reads it from the first dataset.
+    """
+    clock = clock or _Clock()
+    fusion = _require_models(models)
+    if isinstance(fusion, Skip):
+        return fusion
+    datasets: list[pydicom.Dataset] = list(data[T.DATASETS])
+    indices = np.asarray(data[T.INDICES], dtype=np.int64)
+    geometry: T.SliceGeometry = data[T.GEOMETRY]
+
+    with clock.stage("fusion"):
+        x = data[T.input_key("fusion")]
+        out = predict_fusion(
+            fusion.module,  # type: ignore[arg-type]
+            x,
+            fusion.device,
+            batch_size=fusion.entry.batch_size,
+            fast=fusion.entry.fast,
+            explain=True,
+        )
+    p_fusion = out.p_fusion.numpy().astype(np.float64)
+
+    p_cbam: np.ndarray | None = None
+    cbam = models.cbam
+    if cbam is not None:
+        with clock.stage("cbam"):
+            p_cbam = predict_cnn(
+                cbam.module,  # type: ignore[arg-type]
+                data[T.input_key("cbam")],
+                cbam.device,
+                batch_size=cbam.entry.batch_size,
+                fast=cbam.entry.fast,
+            ).numpy().astype(np.float64)
+
+    with clock.stage("aggregate"):
+        study_p = aggregate(p_fusion, pipeline.aggregate)
+        cbam_p = aggregate(p_cbam, pipeline.aggregate) if p_cbam is not None else None
+        top = _top(p_fusion, pipeline.outputs.top_slices)
+        first = datasets[0]
+        req = requested if requested is not None else requested_priority(first)
+        prio = prioritise(study_p, pipeline.priority, req)
+
+    with clock.stage("explain"):
+        with inference_context(fusion.device, fusion.entry.fast):
+            cams = fusion_cam(fusion.module, x[top].to(fusion.device))  # type: ignore[arg-type]
+        assert out.explanation is not None
+        heat = np.clip(T.to_source(cams, geometry, "bilinear"), 0.0, 1.0).astype(np.float32)
+        masks = T.to_source(out.explanation.infection_mask[top], geometry, "nearest")
+        top_source = [int(indices[t]) for t in top]
+        heatmaps = {i: heat[n] for n, i in enumerate(top_source)}
+        infected = {i: masks[n].astype(bool) for n, i in enumerate(top_source)}
+
+    outputs = tuple(
+        name for name in ("sr", "sc", "seg") if getattr(pipeline.outputs, name)
+    )
+    clock.timings["total"] = time.perf_counter() - clock.start
+    return StudyScore(
+        pipeline=pipeline.ref,
+        study_instance_uid=str(first.get("StudyInstanceUID", "")),
+        series_instance_uid=str(first.get("SeriesInstanceUID", "")),
+        datasets=tuple(datasets),
+        slice_indices=tuple(int(i) for i in indices),
+        fusion_slice_probabilities=tuple(float(p) for p in p_fusion),
+        cbam_slice_probabilities=None if p_cbam is None else tuple(float(p) for p in p_cbam),
+        fusion_probability=study_p,
+        cbam_probability=cbam_p,
+        key_slice_index=top_source[0],
+        top_slice_indices=tuple(top_source),
+        heatmaps=heatmaps,
+        infected_masks=infected,
+        threshold=pipeline.priority.sr_threshold,
+        positive=prio.positive,
+        priority=prio.priority,
+        flag=prio.flag,
+        requested_priority=prio.requested,
+        model=fusion.info,
+        cbam_model=cbam.info if cbam is not None else None,
+        outputs=outputs,
+        timings=dict(clock.timings),
+    )
+
+
+def score_study(
+    sources: Sequence[str | Path] | str | Path,
+    pipeline: Pipeline,
+    models: LoadedModels,
+    *,
+    requested: str | None = None,
+) -> StudyScore | Skip:
+    """Score the study in ``sources`` (DICOM files and/or folders of them).
+
+    Selects the series by the pipeline's ``[series]`` rules, builds its HU volume, prepares
+    the slices and scores them; returns a :class:`Skip` with the reason when it cannot.
+    """
+    from triaged.pipeline.selection import NoEligibleSeries, choose_series, load_series
+
+    clock = _Clock()
+    fusion = _require_models(models)
+    if isinstance(fusion, Skip):
+        return fusion
+    with clock.stage("select"):
+        try:
+            choice = choose_series(sources, pipeline.series)
+        except NoEligibleSeries as exc:
+            return Skip(f"no eligible series: {exc}")
+    with clock.stage("load"):
+        data: dict[Hashable, Any] = T.LoadVolumed(loader=load_series)({T.SERIES: choice})
+    with clock.stage("transforms"):
+        try:
+            for step in preparation_for(pipeline, models):
+                data = step(data)
+        except T.NoLungError as exc:
+            return Skip(f"no lung: {exc}")
+    return score_prepared(data, pipeline, models, requested=requested, clock=clock)
+
