@@ -196,3 +196,49 @@ def test_cli_reports_user_mistakes_in_one_line(tmp_path: Path,
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["--data", "synthetic:4", "--stages", "9", "--store", str(tmp_path)]) == 2
     assert "unknown stage" in capsys.readouterr().err
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.nn.functional as F
+
+    from triaged.training.loop import Phase, run_phase
+    from triaged.training.staged import FeatureSet
+
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    rt = setup_runtime("fp32", "cpu")
+    torch.manual_seed(100 + rank)  # different initial weights per rank: rank 0's must win
+    model = torch.nn.Linear(8, 1)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(24, 8, generator=g)
+    data = FeatureSet(feats, (feats[:, 0] > 0).float())
+    phase = Phase(name="ddp", model=model, params=list(model.parameters()), train_set=data,
+                  loss=lambda b: F.binary_cross_entropy_with_logits(
+                      model(b["features"]).squeeze(1), b["label"]),
+                  evaluate=lambda: {"auc": 0.5},
+                  optimizer=torch.optim.SGD(model.parameters(), lr=0.5), epochs=2,
+                  batch_size=4, select={"": "auc"}, keep="last")
+    run_phase(phase, Path(out_dir) / "run", rt, progress=False)
+    torch.save(model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_torchrun_ranks_train_one_model(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    torch.manual_seed(100)
+    assert not torch.equal(a["weight"], torch.nn.Linear(8, 1).weight)  # it did train
+    assert (tmp_path / "run" / "done.json").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -337,9 +338,12 @@ def synthetic(root: str | Path, n: int, size: int = 64, seed: int = 0,
     for i in range(n):
         img_path = root / f"slice{i:04d}.npy"
         mask_path = root / f"slice{i:04d}_mask.png"
-        if not img_path.exists():
-            np.save(img_path, images[i].astype(np.float32))
-            Image.fromarray(masks[i].astype(np.uint8) * 255).save(mask_path)
+        if not (img_path.exists() and mask_path.exists()):  # atomic: torchrun ranks race here
+            tmp = root / f".{os.getpid()}-{i}"
+            np.save(f"{tmp}.npy", images[i].astype(np.float32))
+            Image.fromarray(masks[i].astype(np.uint8) * 255).save(f"{tmp}.png")
+            os.replace(f"{tmp}.png", mask_path)
+            os.replace(f"{tmp}.npy", img_path)
         split = "val" if i < n_val else "train"
         out[split].append(Sample(id=f"synthetic/{i}", image=img_path, label=int(labels[i]),
                                  mask=mask_path, mask_lut=BINARY_LUT, source="hu",

@@ -117,9 +117,13 @@ def read_json(path: Path) -> Any:
 
 
 def attach_log(run_dir: Path) -> logging.Handler:
-    """Append this run's log lines to ``<run_dir>/train.log`` as well."""
+    """Append this run's log lines to ``<run_dir>/train.log`` (rank 0 only) and stderr."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler: logging.Handler
+    if int(os.environ.get("RANK", "0")) == 0:
+        handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    else:
+        handler = logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     if log.level == logging.NOTSET:
@@ -199,6 +203,14 @@ def _sync_grads(params: list[nn.Parameter], rt: Runtime) -> None:
             p.grad /= rt.world_size
 
 
+def _broadcast(model: nn.Module, rt: Runtime) -> None:
+    """Start every rank from rank 0's weights (and buffers), whatever each one built."""
+    if rt.world_size <= 1:
+        return
+    for t in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(t.data, src=0)
+
+
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
             for k, v in batch.items()}
@@ -238,6 +250,7 @@ def run_phase(phase: Phase, run_dir: Path, rt: Runtime, progress: bool = True) -
         start = int(state["epoch"]) + 1
         log.info("%s: resuming at epoch %d from %s", phase.name, start + 1, ckpt_file)
 
+    _broadcast(phase.model, rt)
     for epoch in range(start, phase.epochs):
         torch.manual_seed(phase.seed * 7919 + epoch)
         phase.model.train()

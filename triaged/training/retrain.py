@@ -20,6 +20,7 @@ figure (AUC; Dice for Inf-Net) is at least that of the live version on the same 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -51,7 +52,14 @@ from triaged.training.datasets import (
     synthetic,
 )
 from triaged.training.dicom_data import dicom_manifest, worklist_labels
-from triaged.training.loop import attach_log, log, read_json, setup_runtime, write_json
+from triaged.training.loop import (
+    attach_log,
+    log,
+    read_json,
+    seed_everything,
+    setup_runtime,
+    write_json,
+)
 from triaged.training.preprocess import Preprocessing
 from triaged.training.semi import SemiSettings, mean_dice, split_labelled, train_semi
 from triaged.training.staged import FusionSettings, build_fusion, collect, run_stage
@@ -285,6 +293,8 @@ def _prepare_run_dir(opts: RetrainOptions) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = opts.model_dump(mode="json", exclude={"promote", "progress", "threads", "run_dir"})
     cfg_file = run_dir / "config.json"
+    if int(os.environ.get("RANK", "0")) != 0:
+        return run_dir  # rank 0 checks and writes the config
     if cfg_file.exists():
         old = read_json(cfg_file)
         if old != cfg:
@@ -311,6 +321,7 @@ def retrain(opts: RetrainOptions) -> RetrainResult:
 
 def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
     rt = setup_runtime(opts.precision)
+    seed_everything(opts.seed)  # model initialisation is part of the run's seed
     store = ModelStore(opts.store)
     data = gather_data(opts, run_dir)
     train, val, test = data.cls["train"], data.cls["val"], data.cls["test"]
@@ -350,6 +361,7 @@ def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
             raise RetrainError("stage infnet needs segmentation data (semiseg:, medseg:, "
                                "synthetic:)")
         s = opts.semi_settings()
+        seed_everything(s.seed)
         res = train_semi(data.seg_labelled, data.seg_unlabelled, s, run_dir / "infnet", rt,
                          progress=opts.progress)
         infnet_state = res.model.state_dict()
@@ -380,6 +392,7 @@ def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
                                                                            fs.input_size)))
             init_desc = f"from {start.ref}"
         else:
+            seed_everything(fs.seed)
             model, init_desc = build_fusion(fs)
         if infnet_state is not None:
             model.infnet.load_state_dict(infnet_state)
@@ -417,6 +430,7 @@ def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
         if variant not in opts.stages:
             continue
         bs = opts.baseline_settings(cbam=variant == "cbam")
+        seed_everything(bs.seed)
         cnn, res = train_baseline(train, val, bs, run_dir / variant, rt, opts.progress)
         cnn.to("cpu")
         prep = Preprocessing(size=bs.size)
