@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from triaged.training.preprocess import LUNG_WINDOW
 
@@ -60,11 +60,12 @@ class PreprocessSection(_Section):
     lung_threshold: float = Field(default=0.02, ge=0.0, lt=1.0)
     lung_hu: tuple[float, float] = (-950.0, -400.0)
 
-    @model_validator(mode="after")
-    def _hu_range(self) -> Self:
-        if self.lung_hu[0] >= self.lung_hu[1]:
-            raise ValueError("lung_hu must be (low, high) with low < high")
-        return self
+    @field_validator("lung_hu")
+    @classmethod
+    def _hu_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] >= v[1]:
+            raise ValueError("lung_hu must be [low, high] with low < high")
+        return v
 
 
 class ModelEntry(_Section):
@@ -133,12 +134,13 @@ class PrioritySection(_Section):
     requested: dict[RequestedPriority, int] = Field(default_factory=_default_requested)
     sr_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
 
-    @model_validator(mode="after")
-    def _distinct_levels(self) -> Self:
-        cuts = [lv.min_probability for lv in self.levels]
+    @field_validator("levels")
+    @classmethod
+    def _distinct_levels(cls, v: list[PriorityLevel]) -> list[PriorityLevel]:
+        cuts = [lv.min_probability for lv in v]
         if len(set(cuts)) != len(cuts):
             raise ValueError("two priority levels share one min_probability")
-        return self
+        return v
 
     def ordered_levels(self) -> list[PriorityLevel]:
         return sorted(self.levels, key=lambda lv: lv.min_probability, reverse=True)
@@ -168,14 +170,15 @@ class Pipeline(_Section):
     outputs: OutputsSection = Field(default_factory=OutputsSection)
     path: Path | None = None
 
-    @model_validator(mode="after")
-    def _roles(self) -> Self:
-        roles = [m.role for m in self.models]
+    @field_validator("models")
+    @classmethod
+    def _roles(cls, v: list[ModelEntry]) -> list[ModelEntry]:
+        roles = [m.role for m in v]
         if roles.count("fusion") != 1:
-            raise ValueError("exactly one model must have role = \"fusion\"")
+            raise ValueError('exactly one model must have role = "fusion"')
         if roles.count("cbam") > 1:
-            raise ValueError("at most one model may have role = \"cbam\"")
-        return self
+            raise ValueError('at most one model may have role = "cbam"')
+        return v
 
     def model(self, role: str) -> ModelEntry | None:
         """The entry of ``role``, or None when the pipeline has no such model."""
