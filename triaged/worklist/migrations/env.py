@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Engine
 
+from triaged.worklist import web_models  # noqa: F401  (registers the web tables)
 from triaged.worklist.models import Base
 
 config = context.config
