@@ -109,3 +109,17 @@ def make_pipeline(**sections: object) -> Pipeline:
 @pytest.fixture
 def pipeline() -> Pipeline:
     return make_pipeline()
+
+
+class Tiny:
+    """The helpers above as a fixture (test modules cannot import conftest by name)."""
+
+    card = staticmethod(_card)
+    register_fusion = staticmethod(register_fusion)
+    register_cbam = staticmethod(register_cbam)
+    pipeline = staticmethod(make_pipeline)
+
+
+@pytest.fixture
+def tiny() -> type[Tiny]:
+    return Tiny
