@@ -1,0 +1,448 @@
+"""The JSON API and the pages, endpoint by endpoint (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import sqlalchemy as sa
+import torch
+from fastapi.testclient import TestClient
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy.orm import Session
+
+from tests.web.conftest import Web, study_uid
+from triaged.registry import Architecture, ModelCard, ModelStore, TrainingData
+from triaged.training.dicom_data import read_label_export, worklist_labels
+from triaged.web.app import create_app
+from triaged.web.queries import export_labels
+from triaged.worklist import db
+from triaged.worklist.models import Delivery, Job, Result, Study
+from triaged.worklist.web_models import AuditEntry
+
+Seed = Callable[..., str]
+
+
+def audit_rows(web: Web) -> list[tuple[str | None, str, str | None, str | None]]:
+    with Session(web.engine) as s:
+        return [(a.user_name, a.action, a.target, a.client)
+                for a in s.scalars(sa.select(AuditEntry).order_by(AuditEntry.id))]
+
+
+def scenario(seed: Seed) -> dict[str, str]:
+    """A small worklist: two flagged (different priority), one negative, one waiting, one
+    skipped, one with a dead delivery."""
+    return {
+        "old_neg": seed(1, received_ago=5000, study_date="20250101",
+                        scored={"fusion": 0.12, "cbam": 0.2, "flag": False, "priority": 0},
+                        deliveries=[("pacs", "SR", "DELIVERED", None)]),
+        "pos_low": seed(2, received_ago=4000, study_date="20250201",
+                        scored={"fusion": 0.81, "cbam": 0.7, "flag": True, "priority": 50}),
+        "pos_high": seed(3, received_ago=100, study_date="20250301",
+                         scored={"fusion": 0.97, "cbam": 0.9, "flag": True, "priority": 90}),
+        "queued": seed(4, received_ago=7000, study_date="20250401", state="QUEUED"),
+        "skipped": seed(5, received_ago=3000, study_date="20250402", state="SKIPPED",
+                        reason="no axial CT series"),
+        "dead": seed(6, received_ago=2000, study_date="20250403",
+                     scored={"fusion": 0.3, "cbam": 0.25, "flag": False, "priority": 0},
+                     deliveries=[("pacs", "SR", "DELIVERED", None),
+                                 ("pacs", "SEG", "DEAD", "C-STORE refused: 0xA700 out of "
+                                  "resources")]),
+    }
+
+
+def uids(resp: Any) -> list[str]:
+    return [s["study_instance_uid"] for s in resp.json()["studies"]]
+
+
+def test_worklist_order_and_fields(web: Web, seed: Seed) -> None:
+    ids = scenario(seed)
+    c = web.client("radiologist")
+    r = c.get("/api/studies")
+    assert r.status_code == 200
+    # priority first, then the longest waiting
+    assert uids(r) == [ids[k] for k in ("pos_high", "pos_low", "queued", "old_neg",
+                                        "skipped", "dead")]
+    rows = {s["study_instance_uid"]: s for s in r.json()["studies"]}
+    high = rows[ids["pos_high"]]
+    assert high["flag"] is True and high["fusion_probability"] == pytest.approx(0.97)
+    assert high["cbam_probability"] == pytest.approx(0.9)
+    assert high["model_version"] == "cbam:v1, fusion:v1"
+    assert high["study_date"] == "2025-03-01" and high["patient_id"] == "PAT003"
+    assert 90 < high["waiting_seconds"] < 400
+    assert rows[ids["skipped"]]["state"] == "SKIPPED"
+    assert rows[ids["skipped"]]["state_reason"] == "no axial CT series"
+    dead = rows[ids["dead"]]["deliveries"]
+    assert dead == {"pending": 0, "delivered": 1, "dead": 1,
+                    "last_error": "C-STORE refused: 0xA700 out of resources"}
+    assert rows[ids["old_neg"]]["state"] == "DELIVERED"
+    assert rows[ids["queued"]]["fusion_probability"] is None
+
+
+def test_worklist_filters(web: Web, seed: Seed) -> None:
+    ids = scenario(seed)
+    c = web.client("radiologist")
+    assert uids(c.get("/api/studies?state=SKIPPED")) == [ids["skipped"]]
+    assert uids(c.get("/api/studies?state=DELIVERY_FAILED")) == [ids["dead"]]
+    assert uids(c.get("/api/studies?flagged=true")) == [ids["pos_high"], ids["pos_low"]]
+    assert ids["pos_high"] not in uids(c.get("/api/studies?flagged=false"))
+    assert uids(c.get("/api/studies?min_priority=60")) == [ids["pos_high"]]
+    got = uids(c.get("/api/studies?date_from=2025-02-01&date_to=2025-04-01"))
+    assert got == [ids["pos_high"], ids["pos_low"], ids["queued"]]
+    assert uids(c.get("/api/studies?limit=2")) == [ids["pos_high"], ids["pos_low"]]
+    assert c.get("/api/studies?state=BOGUS").status_code == 422
+    assert c.get("/api/studies?date_from=yesterday").status_code == 422
+
+
+def test_worklist_page(web: Web, seed: Seed) -> None:
+    ids = scenario(seed)
+    c = web.client("radiologist")
+    r = c.get("/?state=SCORED&flagged=true")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    html = r.text
+    assert html.index(ids["pos_high"]) < html.index(ids["pos_low"])
+    assert ids["old_neg"] not in html
+    assert '<option value="SCORED" selected>' in html and '<option value="true" selected>' in html
+    assert "97%" in html and "COVID-19" in html
+    page = c.get("/").text
+    assert "1 delivery failed: C-STORE refused" in page and "no axial CT series" in page
+    assert 'tabindex="0"' in page and "/static/worklist.js" in page
+
+
+def test_study_detail_api_and_audit(web: Web, seed: Seed) -> None:
+    ids = scenario(seed)
+    uid = ids["dead"]
+    c = web.client("radiologist")
+    d = c.get(f"/api/studies/{uid}").json()
+    assert d["study"]["study_instance_uid"] == uid
+    res = d["result"]
+    assert res["images"] == {"heatmap": f"/api/studies/{uid}/images/heatmap",
+                             "infected": f"/api/studies/{uid}/images/infected"}
+    assert res["slice_probabilities"][3] == pytest.approx(0.9) and res["key_slice"] == 3
+    assert res["sr_text"][0].startswith("Finding: COVID-19")
+    assert [x["state"] for x in d["deliveries"]] == ["DEAD", "DELIVERED"]
+    assert d["deliveries"][0]["last_error"].startswith("C-STORE refused")
+    assert [e["state"] for e in d["timeline"]] == ["RECEIVING", "COMPLETE", "QUEUED", "SCORING",
+                                                  "SCORED"]
+    assert d["series"][0]["instances"] == 3
+    assert c.get("/api/studies/9.9.9").status_code == 404
+    assert audit_rows(web)[-1] == ("rad", "view_study", uid, "testclient")
+
+
+def test_study_page(web: Web, seed: Seed) -> None:
+    ids = scenario(seed)
+    c = web.client("radiologist")
+    uid = ids["pos_high"]
+    html = c.get(f"/studies/{uid}").text
+    assert f'src="/api/studies/{uid}/images/heatmap"' in html
+    assert f'src="/api/studies/{uid}/images/infected"' in html
+    assert '<svg class="slice-plot"' in html and "key slice 4" in html
+    assert "Finding: COVID-19 (SNOMED CT 840539006)" in html
+    assert "COVID-19 likely" in html and "Confirm COVID-19" in html
+    assert audit_rows(web)[-1] == ("rad", "view_study", uid, "testclient")
+    # a queued study has no result yet: no images, no feedback form
+    queued = c.get(f"/studies/{ids['queued']}").text
+    assert "Not scored yet" in queued and 'name="verdict"' not in queued
+    skipped = c.get(f"/studies/{ids['skipped']}").text
+    assert "SKIPPED: no axial CT series" in skipped
+    r = c.get("/studies/9.9.9")
+    assert r.status_code == 404 and "No such study" in r.text
+
+
+def test_study_images(web: Web, seed: Seed) -> None:
+    ids = scenario(seed)
+    c = web.client("radiologist")
+    r = c.get(f"/api/studies/{ids['pos_high']}/images/heatmap")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert c.get(f"/api/studies/{ids['pos_high']}/images/other").status_code == 404
+    assert c.get(f"/api/studies/{ids['queued']}/images/heatmap").status_code == 404
+    (web.results / ids["pos_low"] / "infected.png").unlink()
+    assert c.get(f"/api/studies/{ids['pos_low']}/images/infected").status_code == 404
+    d = c.get(f"/api/studies/{ids['pos_low']}").json()
+    assert d["result"]["images"]["infected"] is None and d["result"]["images"]["heatmap"]
+
+
+def test_feedback_api(web: Web, seed: Seed) -> None:
+    ids = scenario(seed)
+    c = web.client("radiologist")
+    pos, neg = ids["pos_high"], ids["old_neg"]
+    r = c.post(f"/api/studies/{pos}/feedback", json={"verdict": "confirm", "note": " GGO both "})
+    assert r.status_code == 201
+    body = r.json()
+    assert body["user"] == "rad" and body["label"] == "covid" and body["note"] == "GGO both"
+    # refuting a negative finding means it is COVID-19; confirming it means it is not
+    assert c.post(f"/api/studies/{neg}/feedback",
+                  json={"verdict": "refute"}).json()["label"] == "covid"
+    assert c.post(f"/api/studies/{neg}/feedback",
+                  json={"verdict": "confirm"}).json()["label"] == "non-covid"
+    assert c.post(f"/api/studies/{pos}/feedback",
+                  json={"verdict": "maybe"}).status_code == 422
+    assert c.post(f"/api/studies/{ids['queued']}/feedback",
+                  json={"verdict": "confirm"}).status_code == 409
+    assert c.post("/api/studies/9.9.9/feedback", json={"verdict": "confirm"}).status_code == 404
+    listed = c.get(f"/api/studies/{neg}/feedback").json()
+    assert [f["verdict"] for f in listed] == ["refute", "confirm"]
+    row = [s for s in c.get("/api/studies").json()["studies"] if s["study_instance_uid"] == neg]
+    assert row[0]["feedback"] == "confirm"
+    assert ("rad", "feedback", pos, "testclient") in audit_rows(web)
+
+
+def test_feedback_form_shows_on_page(web: Web, seed: Seed) -> None:
+    uid = seed(1, scored={"fusion": 0.9, "flag": True, "priority": 9})
+    c = web.client("radiologist")
+    token = c.headers["X-CSRF-Token"]
+    r = c.post(f"/studies/{uid}/feedback",
+               data={"verdict": "refute", "note": "<b>old scar</b>", "csrf_token": token})
+    assert r.status_code == 303 and r.headers["location"] == f"/studies/{uid}#feedback"
+    html = c.get(f"/studies/{uid}").text
+    assert "✗ refuted" in html and "&lt;b&gt;old scar&lt;/b&gt;" in html  # escaped
+    r = c.post(f"/studies/{seed(2)}/feedback", data={"verdict": "confirm", "csrf_token": token})
+    assert r.status_code == 409 and "no result" in r.text
+
+
+def _ct_files(folder: Path, series_uid: str, n: int) -> None:
+    """Tiny CT slices the retraining reader can scan (header and pixels)."""
+    for i in range(n):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID = series_uid
+        ds.Modality = "CT"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [0, 0, float(i)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.Rows = ds.Columns = 8
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = bytes(128)
+        ds.save_as(folder / f"{series_uid}.{i + 1}.dcm", enforce_file_format=True)
+
+
+def test_labels_export_is_read_by_retrain(web: Web, seed: Seed, tmp_path: Path) -> None:
+    ids = scenario(seed)
+    rad, admin = web.client("radiologist"), web.client("admin")
+    rad.post(f"/api/studies/{ids['pos_high']}/feedback", json={"verdict": "confirm"})
+    rad.post(f"/api/studies/{ids['old_neg']}/feedback", json={"verdict": "confirm"})
+    rad.post(f"/api/studies/{ids['pos_low']}/feedback", json={"verdict": "refute"})
+    for key in ("pos_high", "old_neg", "pos_low"):  # real slices in place of the dummy files
+        folder = web.spool / ids[key] / f"{ids[key]}.1"
+        for f in folder.iterdir():
+            f.unlink()
+        _ct_files(folder, f"{ids[key]}.1", 5)
+    assert rad.get("/api/labels").status_code == 403
+    export = admin.get("/api/labels").json()
+    assert export["format"] == "triaged-labels/1"
+    assert export["spool_root"] == str(web.spool.resolve())
+    by_uid = {x["study_instance_uid"]: x for x in export["labels"]}
+    assert {u: x["label"] for u, x in by_uid.items()} == {
+        ids["pos_high"]: "covid", ids["old_neg"]: "non-covid", ids["pos_low"]: "non-covid"}
+    high = by_uid[ids["pos_high"]]
+    assert high["spool_paths"] == [f"{ids['pos_high']}/{ids['pos_high']}.1"]
+    assert high["labelled_by"] == "rad" and high["probability"] == pytest.approx(0.97)
+    assert high["series_instance_uid"] == f"{ids['pos_high']}.1"
+    # what the API serves, the trainer reads
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(export))
+    parsed = read_label_export(path)
+    assert {r.study_instance_uid: r.label for r in parsed.labels}[ids["pos_high"]] == 1
+    samples = worklist_labels(path, slices_per_study=2)
+    got = {s.group: s.label for split in samples.values() for s in split}
+    assert got == {ids["pos_high"]: 1, ids["old_neg"]: 0, ids["pos_low"]: 0}
+    # and the file export (absolute paths when no spool root is given)
+    out = tmp_path / "out" / "labels.json"
+    assert export_labels(web.engine, out) == 3
+    written = read_label_export(out)
+    assert written.spool_root is None and Path(written.labels[0].spool_paths[0]).is_absolute()
+    assert sum(len(v) for v in worklist_labels(out, slices_per_study=2).values()) == 6
+    assert ("ann", "export_labels", None, "testclient") in audit_rows(web)
+
+
+def _store(root: Path) -> ModelStore:
+    store = ModelStore(root)
+    for acc in (0.81, 0.86):
+        card = ModelCard(architecture=Architecture(name="fusion", params={}),
+                         data=TrainingData(sources=["synthetic:8"], split="seeded 80/20",
+                                           counts={"train": 8, "val": 2}),
+                         metrics={"accuracy": acc, "f1": acc - 0.01}, seed=1)
+        store.register("fusion", {"w": torch.zeros(2)}, card)
+    store.promote("fusion", "v1")
+    return store
+
+
+def test_admin_models_promote_rollback(web: Web, tmp_path: Path) -> None:
+    web.store = _store(tmp_path / "models")
+    c = web.client("admin")
+    models = c.get("/api/admin/models").json()
+    assert [(m["name"], m["live"], m["can_rollback"]) for m in models] == [("fusion", "v1", False)]
+    assert [v["version"] for v in models[0]["versions"]] == ["v2", "v1"]
+    assert models[0]["versions"][0]["card"]["metrics"]["accuracy"] == pytest.approx(0.86)
+    r = c.post("/api/admin/models/fusion/promote", json={"version": "v2", "reason": "better"})
+    assert r.status_code == 200 and r.json() == {"name": "fusion", "live": "v2"}
+    assert web.store.live("fusion").version == "v2"
+    assert web.store.history("fusion")[-1]["reason"] == "web ann: better"
+    assert c.get("/api/admin/models").json()[0]["can_rollback"] is True
+    r = c.post("/api/admin/models/fusion/rollback", json={})
+    assert r.json()["live"] == "v1" and web.store.live("fusion").version == "v1"
+    assert c.post("/api/admin/models/fusion/rollback", json={}).status_code == 409
+    assert c.post("/api/admin/models/fusion/promote", json={"version": "v9"}).status_code == 404
+    assert c.post("/api/admin/models/other/promote", json={"version": "v1"}).status_code == 404
+    # the page and its forms
+    page = c.get("/admin").text
+    assert "fusion" in page and "accuracy 0.860" in page and "Promote" in page
+    r = c.post("/admin/models/fusion/promote",
+               data={"version": "v2", "csrf_token": c.headers["X-CSRF-Token"]})
+    assert r.status_code == 303 and web.store.live("fusion").version == "v2"
+    acts = [a for a in audit_rows(web) if a[1] in ("promote_model", "rollback_model")]
+    assert [(a[1], a[2]) for a in acts] == [("promote_model", "fusion:v2"),
+                                            ("rollback_model", "fusion:v1"),
+                                            ("promote_model", "fusion:v2")]
+    assert ("ann", "view_admin", None, "testclient") in audit_rows(web)
+
+
+def test_admin_without_store(web: Web) -> None:
+    c = web.client("admin")
+    assert c.get("/api/admin/models").status_code == 503
+    page = c.get("/admin")
+    assert page.status_code == 200 and "No model store" in page.text
+
+
+def test_destinations_and_echo(web: Web) -> None:
+    c = web.client("admin")
+    dests = c.get("/api/admin/destinations").json()
+    assert [(d["name"], d["ae_title"], d["port"]) for d in dests] == [
+        ("pacs", "PACS", 11113), ("down", "DOWN", 11114)]
+    assert c.post("/api/admin/destinations/pacs/echo").json() == {
+        "destination": "pacs", "ok": True, "message": "C-ECHO success"}
+    assert c.post("/api/admin/destinations/down/echo").json()["ok"] is False
+    assert c.post("/api/admin/destinations/nope/echo").status_code == 404
+    assert web.echoes == ["pacs", "down"]
+    page = c.post("/admin/destinations/pacs/echo", data={"csrf_token": c.headers["X-CSRF-Token"]})
+    assert page.status_code == 200 and "C-ECHO pacs: C-ECHO success" in page.text
+    echo_audit = [a for a in audit_rows(web) if a[1] == "echo"]
+    assert [a[2] for a in echo_audit] == ["pacs", "down", "pacs"]
+    no_echo = web.client("admin", echo=None)
+    assert no_echo.post("/api/admin/destinations/pacs/echo").status_code == 503
+
+
+def test_healthz(web: Web) -> None:
+    c = web.client()
+    r = c.get("/healthz")
+    assert r.status_code == 200
+    checks = r.json()["checks"]
+    assert {k: v["ok"] for k, v in checks.items()} == {
+        "database": True, "spool": True, "scp": True, "scheduler": True, "model": True}
+    assert checks["model"]["detail"] == "fusion:v1"
+    for key, bad in [("scp_listening", False), ("scheduler_running", False),
+                     ("live_model", None), ("spool_free_mb", 10)]:
+        before = web.status[key]
+        web.status[key] = bad
+        r = c.get("/healthz")
+        assert r.status_code == 503 and r.json()["ok"] is False, key
+        web.status[key] = before
+    assert c.get("/healthz").status_code == 200
+
+    def broken() -> dict[str, object]:
+        raise RuntimeError("boom")
+
+    assert web.client(status=broken).get("/healthz").status_code == 503
+    alone = web.client(status=None).get("/healthz").json()
+    assert alone["ok"] is True and alone["checks"]["scp"]["ok"] is None
+    assert web.client("admin").get("/api/admin/health").json()["ok"] is True
+
+
+def test_healthz_database_down(web: Web, tmp_path: Path) -> None:
+    dead = db.make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1")
+    c = TestClient(create_app(web.settings, dead))
+    r = c.get("/healthz")
+    assert r.status_code == 503 and r.json()["checks"]["database"]["ok"] is False
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+def test_metrics(web: Web, seed: Seed) -> None:
+    scenario(seed)
+    with Session(web.engine) as s, s.begin():
+        s.add(Job(study_id=s.scalar(sa.select(Study.id).where(
+            Study.study_instance_uid == study_uid(4))), kind="score", state="QUEUED",
+            attempts=0, created_at=s.scalar(sa.select(sa.func.min(Study.updated_at)))))
+    r = web.client().get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    t = r.text
+    assert _sample(t, "triaged_instances_received_total") == 18
+    assert _sample(t, 'triaged_studies{state="SCORED"}') == 3
+    assert _sample(t, 'triaged_studies{state="DELIVERED"}') == 1
+    assert _sample(t, 'triaged_studies{state="SKIPPED"}') == 1
+    assert _sample(t, "triaged_studies_flagged") == 2
+    assert _sample(t, 'triaged_queue_depth{kind="score"}') == 1
+    assert _sample(t, 'triaged_deliveries{state="DEAD"}') == 1
+    assert _sample(t, "triaged_delivery_failures_total") == 1
+    # four scored studies, each 4 s of scoring
+    assert _sample(t, "triaged_scoring_seconds_count") == 4
+    assert _sample(t, "triaged_scoring_seconds_sum") == pytest.approx(16, abs=0.01)
+    assert _sample(t, 'triaged_scoring_seconds_bucket{le="2.5"}') == 0
+    assert _sample(t, 'triaged_scoring_seconds_bucket{le="5.0"}') == 4
+    # one delivered study: last instance (+5 s) -> complete (+35 s) -> scored (+4) -> +2
+    assert _sample(t, "triaged_end_to_end_seconds_count") == 1
+    assert _sample(t, "triaged_end_to_end_seconds_sum") == pytest.approx(36, abs=0.01)
+    assert _sample(t, 'triaged_end_to_end_seconds_bucket{le="30.0"}') == 0
+    assert _sample(t, 'triaged_end_to_end_seconds_bucket{le="60.0"}') == 1
+    assert _sample(t, "triaged_scp_listening") == 1
+    assert _sample(t, 'triaged_live_model{model="fusion:v1"}') == 1
+    assert _sample(t, "triaged_spool_free_bytes") == 5000 * 1024 * 1024
+    # a second process on the same database reports the same numbers
+    other = web.client(status=None).get("/metrics").text
+    assert _sample(other, 'triaged_studies{state="SCORED"}') == 3
+    assert "triaged_scp_listening" not in other
+
+
+def test_openapi_schema(web: Web) -> None:
+    spec = web.client().get("/openapi.json").json()
+    paths = spec["paths"]
+    for p in ("/api/studies", "/api/studies/{uid}", "/api/studies/{uid}/feedback",
+              "/api/studies/{uid}/images/{kind}", "/api/labels", "/api/admin/models",
+              "/api/admin/models/{name}/promote", "/api/admin/models/{name}/rollback",
+              "/api/admin/destinations", "/api/admin/destinations/{name}/echo",
+              "/api/admin/health", "/api/admin/audit", "/api/me", "/healthz", "/metrics"):
+        assert p in paths, p
+    ok = paths["/api/studies"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert ok["schema"]["$ref"].endswith("/WorklistOut")
+    assert "StudyItem" in spec["components"]["schemas"]
+    assert "/" not in paths and "/login" not in paths  # pages are not API
+    assert web.client().get("/docs").status_code == 404  # Swagger UI would need a CDN
+
+
+def test_security_headers(web: Web) -> None:
+    r = web.client().get("/login")
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-frame-options"] == "DENY"
+    assert r.headers["cache-control"] == "no-store"
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_superseded_result_is_not_shown(web: Web, seed: Seed) -> None:
+    uid = seed(1, scored={"fusion": 0.2, "flag": False})
+    with Session(web.engine) as s, s.begin():
+        old = s.scalars(sa.select(Result)).one()
+        old.superseded = True
+        s.execute(sa.update(Delivery).values(state="SUPERSEDED"))
+    d = web.client("radiologist").get(f"/api/studies/{uid}").json()
+    assert d["result"] is None and d["deliveries"] == []
