@@ -156,6 +156,139 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- worker ----------------------------------------------------------------------------------
+def cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from triaged.processing import processor_for
+    from triaged.worker import Worker
+    from triaged.worklist import db
+
+    settings = _settings(args)
+    _setup_logging(settings.logging.level)
+    processor = processor_for(settings)
+    if processor is None:
+        raise UserError("no pipeline configured ([pipelines] in the config)")
+    engine = db.make_engine(settings.database.url)
+    db.ensure_schema(engine)
+    workers = [Worker(settings, engine, processor) for _ in range(args.threads)]
+
+    def stop(signum: int, _frame: object) -> None:
+        for w in workers:
+            w.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    threads = [
+        threading.Thread(target=w.run_forever, name=f"worker-{i}") for i, w in enumerate(workers)
+    ]
+    for t in threads:
+        t.start()
+    logging.getLogger("triaged.worker").info(
+        "%d worker(s) running as %s", len(workers), ", ".join(w.name for w in workers)
+    )
+    for t in threads:
+        t.join()
+    engine.dispose()
+    return 0
+
+
+# -- score -------------------------------------------------------------------------------------
+def cmd_score(args: argparse.Namespace) -> int:
+    from triaged.pipeline.scoring import Skip
+    from triaged.processing import group_by_study, processor_for, write_results
+
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    processor = processor_for(settings)
+    if processor is None:
+        raise UserError("no pipeline configured ([pipelines] in the config)")
+    studies = group_by_study([Path(p) for p in args.paths])
+    if not studies:
+        raise UserError("no DICOM study found in the given paths")
+    report = []
+    for uid, files in studies.items():
+        outcome = processor.score(files)
+        if isinstance(outcome, Skip):
+            report.append({"study_instance_uid": uid, "state": "SKIPPED", "reason": outcome.reason})
+            continue
+        entry = {"state": "SCORED", **outcome.to_dict()}
+        if args.output:
+            files_written, _, _ = write_results(outcome, Path(args.output) / uid, "offline")
+            entry["files"] = [str(f.path) for f in files_written]
+        report.append(entry)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        for r in report:
+            if r["state"] == "SKIPPED":
+                print(f"{r['study_instance_uid']}  SKIPPED  {r['reason']}")
+            else:
+                cbam = r["cbam_probability"]
+                print(
+                    f"{r['study_instance_uid']}  fusion {r['fusion_probability']:.3f}  "
+                    f"cbam {'-' if cbam is None else f'{cbam:.3f}'}  "
+                    f"priority {r['priority']}{'  FLAG' if r['flag'] else ''}"
+                )
+    return 0
+
+
+# -- models -----------------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    from triaged.registry import ModelStore, RegistryError
+
+    settings = _settings(args)
+    store = ModelStore(Path(args.store) if args.store else settings.models.store)
+    try:
+        if args.action == "list":
+            for name in store.names():
+                live = store.live(name)
+                for v in store.list(name):
+                    mark = "*" if live is not None and live.version == v.version else " "
+                    metrics = ", ".join(
+                        f"{k}={v2:.3f}" for k, v2 in v.card.metrics.items() if isinstance(v2, float)
+                    )
+                    print(f"{mark} {v.ref:<28} {v.card.created:%Y-%m-%d %H:%M}  {metrics}")
+        elif args.action == "show":
+            name, _, version = args.ref.partition(":")
+            mv = store.get(name, version) if version else store.live(name)
+            if mv is None:
+                raise UserError(f"{name} has no live version")
+            print(
+                json.dumps(
+                    {
+                        "ref": mv.ref,
+                        "live": (store.live(name) or mv).version == mv.version,
+                        **mv.card.model_dump(mode="json"),
+                    },
+                    indent=1,
+                )
+            )
+        elif args.action == "promote":
+            name, _, version = args.ref.partition(":")
+            if not version:
+                raise UserError("promote needs NAME:VERSION")
+            print(f"live: {store.promote(name, version, reason='triaged models promote').ref}")
+        else:
+            print(f"live: {store.rollback(args.ref, reason='triaged models rollback').ref}")
+    except RegistryError as err:
+        raise UserError(str(err)) from None
+    return 0
+
+
+# -- retrain -----------------------------------------------------------------------------------
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from triaged.training import cli as training_cli
+
+    settings = load(args.daemon_config) if args.daemon_config else _settings_or_none()
+    return training_cli.run(args, settings)
+
+
+def _settings_or_none() -> Settings | None:
+    return load(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).is_file() else None
+
+
 # -- demo ----------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from triaged.demo import run_demo
@@ -199,6 +332,36 @@ def build_parser() -> argparse.ArgumentParser:
     pos.add_argument("--positive", dest="positive", action="store_true", default=None)
     pos.add_argument("--negative", dest="positive", action="store_false")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("worker", help="run scoring workers against the shared database")
+    _add_config(p)
+    p.add_argument("--threads", type=int, default=1, help="workers in this process")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("score", help="score DICOM files or folders offline (no daemon, no DB)")
+    _add_config(p)
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print one JSON array")
+    p.add_argument("--output", metavar="DIR", help="also write the SR, SC and SEG files here")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("models", help="the model store: list, show, promote, rollback")
+    _add_config(p)
+    p.add_argument("--store", help="model store folder (default: [models] store)")
+    p.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    p.add_argument("ref", nargs="?", default="", help="NAME[:VERSION]")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("retrain", help="train and register a new model version")
+    p.add_argument(
+        "--daemon-config",
+        metavar="PATH",
+        help="daemon config.toml (model store location); default ./config.toml",
+    )
+    from triaged.training import cli as training_cli
+
+    training_cli.add_arguments(p)
+    p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("demo", help="end-to-end demo on synthetic studies (not for clinical use)")
     p.add_argument("--workdir", default="demo", help="folder for everything the demo makes")

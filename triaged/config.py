@@ -58,6 +58,7 @@ class DicomSettings(_Section):
 
 class StorageSettings(_Section):
     spool_dir: Path = Path("var/spool")
+    results_dir: Path = Path("var/results")
     min_free_mb: int = Field(default=1024, ge=0)
     retention_days: int = Field(default=0, ge=0, description="0 keeps studies forever")
 
@@ -215,7 +216,10 @@ def _with_paths(settings: Settings, base: Path) -> Settings:
             "dicom": settings.dicom.model_copy(update={"tls": tls(settings.dicom.tls)}),
             "web": settings.web.model_copy(update={"tls": tls(settings.web.tls)}),
             "storage": settings.storage.model_copy(
-                update={"spool_dir": _resolve(settings.storage.spool_dir, base)}
+                update={
+                    "spool_dir": _resolve(settings.storage.spool_dir, base),
+                    "results_dir": _resolve(settings.storage.results_dir, base),
+                }
             ),
             "database": settings.database.model_copy(
                 update={"url": _resolve_sqlite(settings.database.url, base)}

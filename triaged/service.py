@@ -17,13 +17,17 @@ from types import FrameType
 from sqlalchemy import Engine
 
 from triaged.config import Settings
-from triaged.dicom.reconcile import reconcile
+from triaged.delivery import deliver_due
+from triaged.dicom.reconcile import pid_alive, reconcile
 from triaged.dicom.scp import StoreSCP
 from triaged.dicom.spool import Spool
 from triaged.scheduler import add_interval, completion_sweep, make_scheduler
+from triaged.worker import StudyProcessor, Worker, release_dead_local_leases
 from triaged.worklist import db
 
 log = logging.getLogger("triaged.service")
+
+DELIVERY_SWEEP_SECONDS = 2.0
 
 
 @dataclass
@@ -32,8 +36,10 @@ class Service:
     engine: Engine = field(init=False)
     spool: Spool = field(init=False)
     scp: StoreSCP = field(init=False)
+    processor: StudyProcessor | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _on_stop: list[Callable[[], None]] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -45,18 +51,48 @@ class Service:
     def start(self) -> None:
         db.ensure_schema(self.engine)
         reconcile(self.spool, self.engine)
+        released = release_dead_local_leases(self.engine, pid_alive)
+        if released:
+            log.info("%d job(s) of a dead worker on this host queued again", released)
         self.scp.start()
         self._on_stop.append(self.scp.shutdown)
-        a = self.settings.assembly
+        s = self.settings
         add_interval(
             self.scheduler,
             "completion",
-            a.sweep_seconds,
-            lambda: completion_sweep(self.engine, a),
+            s.assembly.sweep_seconds,
+            lambda: completion_sweep(self.engine, s.assembly),
         )
+        if s.destinations:
+            add_interval(
+                self.scheduler,
+                "delivery",
+                DELIVERY_SWEEP_SECONDS,
+                lambda: deliver_due(self.engine, s),
+            )
         self.scheduler.start()
         self._on_stop.append(lambda: self.scheduler.shutdown(wait=False))
+        self.start_workers()
         log.info("triaged ready")
+
+    def start_workers(self) -> None:
+        """Run ``[worker] in_process`` scoring workers in threads of this process."""
+        if self.settings.worker.in_process == 0:
+            return
+        processor = self.processor
+        if processor is None:
+            from triaged.processing import processor_for
+
+            processor = processor_for(self.settings)
+        if processor is None:
+            log.warning("no pipeline configured: studies are received but not scored")
+            return
+        for i in range(self.settings.worker.in_process):
+            w = Worker(self.settings, self.engine, processor)
+            t = threading.Thread(target=w.run_forever, name=f"worker-{i}", daemon=True)
+            t.start()
+            self.workers.append(w)
+            self._on_stop.append(w.stop.set)
 
     def add_stop_hook(self, fn: Callable[[], None]) -> None:
         self._on_stop.append(fn)

@@ -1,0 +1,266 @@
+"""End to end on loopback: storescu -> triaged serve -> scoring -> SR/SC/SEG -> storescp (the PACS).
+
+The models are real architectures at toy sizes registered by the test (tests/pipeline/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import DCMTK_ENV, free_port, storescu, write_config
+from tests.pipeline.conftest import register_cbam, register_fusion
+from triaged.registry import ModelStore
+from triaged.synthetic import generate_study
+
+PIPELINE = {
+    "name": "test-ct",
+    "version": "1",
+    "preprocess": {"slices": 8},
+    "models": [
+        {"role": "fusion", "name": "fusion", "batch_size": 4},
+        {"role": "cbam", "name": "cbam-cnn", "batch_size": 4},
+    ],
+    "outputs": {"top_slices": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("models")
+    store = ModelStore(root)
+    register_fusion(store, seed=0)
+    register_cbam(store)
+    return root
+
+
+@pytest.fixture
+def pipeline_file(tmp_path: Path, model_store: Path) -> Path:
+    path = tmp_path / "pipeline.toml"
+    write_config(path, {**PIPELINE, "model_store": str(model_store)})
+    return path
+
+
+class PACS:
+    """dcmtk storescp playing the PACS: every received object is a uniquely named file."""
+
+    def __init__(self, root: Path, port: int, refuse: bool = False) -> None:
+        self.dir = root
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        args = ["storescp", "-aet", "PACS", "+uf", "-od", str(self.dir), "+xa"]
+        if refuse:
+            args.append("--refuse")
+        self.proc = subprocess.Popen(
+            [*args, str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(0.3)
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.dir.iterdir() if p.is_file())
+
+    def datasets(self) -> list[pydicom.Dataset]:
+        return [pydicom.dcmread(p) for p in self.files()]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def pacs_factory(tmp_path: Path) -> Iterator[Any]:
+    made: list[PACS] = []
+
+    def make(port: int | None = None, refuse: bool = False) -> PACS:
+        p = PACS(tmp_path / f"pacs{len(made)}", port or free_port(), refuse)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.stop()
+
+
+def scoring_daemon(make_daemon, pipeline_file: Path, pacs_port: int, db_url=None, in_process=1):
+    return make_daemon(
+        db_url,
+        pipelines=[str(pipeline_file)],
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
+        delivery={"max_attempts": 20, "backoff_seconds": 0.5, "backoff_max_seconds": 1.0},
+        worker={"in_process": in_process, "lease_seconds": 10, "poll_seconds": 0.2},
+    )
+
+
+def results(url: str) -> list[dict[str, Any]]:
+    eng = sa.create_engine(url)
+    try:
+        with eng.connect() as c:
+            return [
+                dict(r._mapping)
+                for r in c.execute(
+                    sa.text(
+                        "SELECT r.*, s.study_instance_uid FROM results r "
+                        "JOIN studies s ON s.id = r.study_id ORDER BY r.id"
+                    )
+                )
+            ]
+    finally:
+        eng.dispose()
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_study_scored_and_results_delivered_into_same_study(
+    make_daemon, pacs_factory, pipeline_file, tmp_path
+) -> None:
+    pacs = pacs_factory()
+    study = generate_study(
+        tmp_path / "s", seed=21, positive=True, slices=16, size=64, extra_series=("localizer",)
+    )
+    d = scoring_daemon(make_daemon, pipeline_file, pacs.port).start()
+    out = storescu(d.port, *study.files)
+    assert out.returncode == 0, out.stderr
+    rows = d.wait_state("DELIVERED", timeout=120)
+    row = rows[0]
+    assert row["study_instance_uid"] == study.study_instance_uid
+    received = pacs.datasets()
+    kinds = sorted(str(ds.Modality) for ds in received)
+    assert kinds == ["OT", "SEG", "SR"] or kinds == ["SC", "SEG", "SR"] or len(kinds) in (2, 3)
+    for ds in received:
+        assert ds.StudyInstanceUID == study.study_instance_uid
+        assert ds.PatientID == study.patient_id
+        assert ds.Manufacturer == "triaged"
+    for f in pacs.files():
+        assert dciodvfy_errors(f) == [], f
+    (res,) = results(d.db_url)
+    assert 0.0 <= res["fusion_probability"] <= 1.0
+    # offline scoring of the same files gives the same numbers
+    offline = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "triaged.cli",
+            "score",
+            "--json",
+            "--config",
+            str(d.config),
+            *map(str, study.files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert offline.returncode == 0, offline.stderr
+    (scored,) = json.loads(offline.stdout)
+    assert scored["fusion_probability"] == pytest.approx(res["fusion_probability"], abs=1e-9)
+    assert scored["cbam_probability"] == pytest.approx(res["cbam_probability"], abs=1e-9)
+    assert scored["priority"] == res["priority"]
+
+
+def test_destination_down_then_up_delivers_once(
+    make_daemon, pacs_factory, pipeline_file, tmp_path
+) -> None:
+    port = free_port()
+    study = generate_study(tmp_path / "s", seed=22, positive=True, slices=12, size=64)
+    d = scoring_daemon(make_daemon, pipeline_file, port).start()
+    storescu(d.port, *study.files)
+    d.wait_state("SCORED", timeout=120)
+    time.sleep(2.5)  # several failed attempts while the PACS is down
+    pacs = pacs_factory(port)
+    d.wait_state("DELIVERED", timeout=60)
+    time.sleep(1.0)
+    uids = [str(ds.SOPInstanceUID) for ds in pacs.datasets()]
+    assert len(uids) == len(set(uids)) >= 2
+    assert "connection failed" in d.log() or "delivery" in d.log()
+
+
+def test_refusing_destination_is_dead_lettered(
+    make_daemon, pacs_factory, pipeline_file, tmp_path
+) -> None:
+    pacs = pacs_factory(refuse=True)
+    study = generate_study(tmp_path / "s", seed=23, positive=False, slices=12, size=64)
+    d = scoring_daemon(make_daemon, pipeline_file, pacs.port).start()
+    storescu(d.port, *study.files)
+    rows = d.wait_state("FAILED", timeout=120)
+    assert "association rejected" in rows[0]["state_reason"]
+    eng = sa.create_engine(d.db_url)
+    with eng.connect() as c:
+        attempts = c.execute(sa.text("SELECT state, attempts FROM deliveries")).all()
+    eng.dispose()
+    assert attempts and all(s == "DEAD" and a == 1 for s, a in attempts)
+    assert pacs.files() == []
+
+
+def test_kill_while_scoring_then_scored_and_delivered_once(
+    make_daemon, pacs_factory, pipeline_file, tmp_path
+) -> None:
+    pacs = pacs_factory()
+    study = generate_study(tmp_path / "s", seed=24, positive=True, slices=40, size=128)
+    d = scoring_daemon(make_daemon, pipeline_file, pacs.port).start()
+    storescu(d.port, *study.files)
+    d.wait_state("SCORING", timeout=120)
+    d.kill()
+    d.start()
+    d.wait_state("DELIVERED", timeout=180)
+    time.sleep(1.0)
+    assert len(results(d.db_url)) == 1
+    uids = [str(ds.SOPInstanceUID) for ds in pacs.datasets()]
+    assert len(uids) == len(set(uids)) >= 2
+
+
+def test_two_workers_on_postgresql_score_each_study_once(
+    make_daemon, pacs_factory, pipeline_file, tmp_path
+) -> None:
+    from tests.conftest import _pg_database
+
+    gen = _pg_database("workers")
+    url = next(gen)
+    try:
+        pacs = pacs_factory()
+        d = scoring_daemon(make_daemon, pipeline_file, pacs.port, url, in_process=0).start()
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "triaged.cli", "worker", "--config", str(d.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(2)
+        ]
+        try:
+            studies = [
+                generate_study(
+                    tmp_path / f"s{i}", seed=30 + i, positive=i % 2 == 0, slices=12, size=64
+                )
+                for i in range(4)
+            ]
+            for s in studies:
+                storescu(d.port, *s.files)
+            d.wait_state("DELIVERED", n=4, timeout=240)
+        finally:
+            for w in workers:
+                w.terminate()
+                w.wait(20)
+        res = results(url)
+        assert sorted(r["study_instance_uid"] for r in res) == sorted(
+            s.study_instance_uid for s in studies
+        )
+        uids = [str(ds.SOPInstanceUID) for ds in pacs.datasets()]
+        assert len(uids) == len(set(uids))
+    finally:
+        d.stop()
+        next(gen, None)

@@ -1,0 +1,151 @@
+"""Deliveries of result objects: queueing, leased claims, backoff and the dead letter.
+
+A delivery is one object to one destination. Claims work like job leases: a claimed
+delivery's ``next_attempt_at`` moves past the lease, so a sender that dies simply lets it
+come due again, and a resend carries the same SOP Instance UID (no duplicate in the PACS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from triaged.worklist.models import Delivery, DeliveryState, Study, StudyState, utcnow
+from triaged.worklist.studies import set_state
+
+
+@dataclass(frozen=True)
+class QueuedObject:
+    kind: str  # "SR", "SC", "SEG"
+    sop_instance_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    id: int
+    study_id: int
+    destination: str
+    path: str
+    attempts: int
+
+
+def queue(
+    session: Session,
+    study_id: int,
+    result_id: int,
+    objects: Sequence[QueuedObject],
+    destinations: Sequence[str],
+    now: datetime | None = None,
+) -> int:
+    """Queue every object for every destination; older pending ones are superseded."""
+    now = now or utcnow()
+    session.execute(
+        update(Delivery)
+        .where(Delivery.study_id == study_id, Delivery.state == DeliveryState.PENDING)
+        .values(state=DeliveryState.SUPERSEDED, last_error="superseded by a newer result")
+    )
+    n = 0
+    for dest in destinations:
+        for obj in objects:
+            session.add(
+                Delivery(
+                    study_id=study_id,
+                    result_id=result_id,
+                    destination=dest,
+                    object_kind=obj.kind,
+                    sop_instance_uid=obj.sop_instance_uid,
+                    path=obj.path,
+                    state=DeliveryState.PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                )
+            )
+            n += 1
+    return n
+
+
+def claim_due(
+    engine: Engine, lease_seconds: float, limit: int = 50, now: datetime | None = None
+) -> list[DueDelivery]:
+    """Take the deliveries that are due, leasing them to this sender."""
+    now = now or utcnow()
+    bind = engine
+    if engine.dialect.name == "sqlite":
+        bind = engine.execution_options(sqlite_begin="IMMEDIATE")
+    with Session(bind) as s, s.begin():
+        rows = s.scalars(
+            select(Delivery)
+            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+            .order_by(Delivery.next_attempt_at, Delivery.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        out = []
+        for d in rows:
+            d.next_attempt_at = now + timedelta(seconds=lease_seconds)
+            out.append(DueDelivery(d.id, d.study_id, d.destination, d.path, d.attempts))
+        return out
+
+
+def record_outcome(
+    session: Session,
+    delivery_id: int,
+    *,
+    delivered: bool,
+    permanent: bool,
+    detail: str,
+    max_attempts: int,
+    backoff_seconds: float,
+    backoff_max_seconds: float,
+    now: datetime | None = None,
+) -> str:
+    """Apply one send's outcome; returns the delivery's new state."""
+    now = now or utcnow()
+    d = session.get(Delivery, delivery_id)
+    if d is None or d.state != DeliveryState.PENDING:
+        return d.state if d else DeliveryState.SUPERSEDED
+    d.attempts += 1
+    d.last_error = None if delivered else detail[:500]
+    if delivered:
+        d.state = DeliveryState.DELIVERED
+        d.delivered_at = now
+        d.next_attempt_at = None
+    elif permanent or d.attempts >= max_attempts:
+        d.state = DeliveryState.DEAD
+        d.next_attempt_at = None
+        if not permanent:
+            d.last_error = f"gave up after {d.attempts} attempts: {detail}"[:500]
+    else:
+        delay = min(backoff_seconds * 2 ** (d.attempts - 1), backoff_max_seconds)
+        d.next_attempt_at = now + timedelta(seconds=delay)
+    return d.state
+
+
+def settle_study(session: Session, study_id: int, now: datetime | None = None) -> None:
+    """Move a SCORED study to DELIVERED or FAILED once none of its deliveries is pending."""
+    now = now or utcnow()
+    study = session.get(Study, study_id)
+    if study is None or study.state not in (StudyState.SCORED, StudyState.FAILED):
+        return
+    states = session.execute(
+        select(
+            Delivery.destination, Delivery.object_kind, Delivery.state, Delivery.last_error
+        ).where(Delivery.study_id == study_id, Delivery.state != DeliveryState.SUPERSEDED)
+    ).all()
+    if not states or any(s == DeliveryState.PENDING for _, _, s, _ in states):
+        return
+    dead = [(dest, kind, err) for dest, kind, s, err in states if s == DeliveryState.DEAD]
+    if dead:
+        dest, kind, err = dead[0]
+        set_state(
+            session, study, StudyState.FAILED, f"delivery of {kind} to {dest} failed: {err}", now
+        )
+    else:
+        study.delivered_at = now
+        set_state(session, study, StudyState.DELIVERED, None, now)
