@@ -128,6 +128,11 @@ class PipelineProcessor:
         self._models: LoadedModels | None = None
         self._lock = threading.Lock()
 
+    @property
+    def loaded(self) -> LoadedModels | None:
+        """The models of the last study, if any (for /healthz; never loads)."""
+        return self._models
+
     def models(self) -> LoadedModels:
         with self._lock:
             self._models = load_models(

@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 
 from triaged.config import Settings
 from triaged.delivery import deliver_due
+from triaged.dicom import export
 from triaged.dicom.reconcile import pid_alive, reconcile
 from triaged.dicom.scp import StoreSCP
 from triaged.dicom.spool import Spool
@@ -73,17 +74,58 @@ class Service:
         self.scheduler.start()
         self._on_stop.append(lambda: self.scheduler.shutdown(wait=False))
         self.start_workers()
+        self.start_web()
         log.info("triaged ready")
+
+    def status(self) -> dict[str, object]:
+        """What /healthz and /metrics report about this process."""
+        live: str | None = None
+        models = getattr(self.processor, "loaded", None)  # a PipelineProcessor's models
+        fusion = models.fusion if models is not None else None
+        if fusion is not None:
+            live = fusion.version.ref
+        return {
+            "scp_listening": self.scp.listening,
+            "scheduler_running": bool(self.scheduler.running),
+            "spool_free_mb": self.spool.free_bytes() // (1024 * 1024),
+            "min_free_mb": self.settings.storage.min_free_mb,
+            "live_model": live,
+        }
+
+    def echo(self, destination: str) -> tuple[bool, str]:
+        dest = next((d for d in self.settings.destinations if d.name == destination), None)
+        if dest is None:
+            return False, f"no destination named {destination}"
+        return export.echo(dest, self.settings.dicom.ae_title)
+
+    def start_web(self) -> None:
+        web = self.settings.web
+        if not web.enabled:
+            return
+        from triaged.registry import ModelStore
+        from triaged.web.app import create_app
+        from triaged.web.server import serve_in_thread
+
+        app = create_app(
+            self.settings,
+            self.engine,
+            store=ModelStore(self.settings.models.store),
+            status=self.status,
+            echo=self.echo,
+        )
+        server = serve_in_thread(app, web.bind, web.port, web.tls)
+        self._on_stop.append(server.stop)
+        log.info("web page on %s", server.url)
 
     def start_workers(self) -> None:
         """Run ``[worker] in_process`` scoring workers in threads of this process."""
         if self.settings.worker.in_process == 0:
             return
-        processor = self.processor
-        if processor is None:
-            from triaged.processing import processor_for
+        if self.processor is None:
+            from triaged.processing import processor_for  # torch + MONAI: only for workers
 
-            processor = processor_for(self.settings)
+            self.processor = processor_for(self.settings)
+        processor = self.processor
         if processor is None:
             log.warning("no pipeline configured: studies are received but not scored")
             return
