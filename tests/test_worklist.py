@@ -170,3 +170,45 @@ def test_reconcile_indexes_files_and_marks_missing(engine: sa.Engine, tmp_path: 
     assert "7.7.1.2" not in rows
     assert all(m.sop_instance_uid in rows for m, _ in placed)
     assert reconcile(spool, engine).files_indexed == 0
+
+
+def test_retention_removes_finished_studies_only(engine: sa.Engine, tmp_path: Path) -> None:
+    from triaged.scheduler import retention_sweep
+    from triaged.worklist.studies import set_state
+    from triaged.worklist.web_models import Feedback
+
+    old = utcnow() - timedelta(days=40)
+    with Session(engine) as s, s.begin():
+        for i, state in enumerate(["DELIVERED", "RECEIVING", "SKIPPED", "DELIVERED"]):
+            record_instance(s, meta(0, f"6.{i}", f"6.{i}.1"), "/p", 1, None, now=old)
+            study = s.scalars(sa.select(Study).where(Study.study_instance_uid == f"6.{i}")).one()
+            set_state(s, study, state, None, now=old)
+        kept = s.scalars(sa.select(Study).where(Study.study_instance_uid == "6.3")).one()
+        s.add(
+            Feedback(
+                study_id=kept.id,
+                user_name="rad",
+                verdict="confirm",
+                label="covid",
+                note="",
+                created_at=old,
+            )
+        )
+    spool = Spool(tmp_path / "spool", 1)
+    (spool.root / "6.0" / "6.0.1").mkdir(parents=True)
+    assert retention_sweep(engine, spool, tmp_path / "results", 30) == 2
+    with Session(engine) as s:
+        left = sorted(s.scalars(sa.select(Study.study_instance_uid)).all())
+        assert left == ["6.1", "6.3"]
+        assert s.scalar(sa.select(sa.func.count()).select_from(Instance)) == 2
+    assert not (spool.root / "6.0").exists()
+    assert retention_sweep(engine, spool, tmp_path / "results", 30) == 0
+
+
+def test_cron_schedule_parses() -> None:
+    from triaged.scheduler import add_cron, make_scheduler
+
+    sched = make_scheduler()
+    add_cron(sched, "retrain", "0 2 * * 0", lambda: None)
+    (job,) = sched.get_jobs()
+    assert "day_of_week" in str(job.trigger)

@@ -1,5 +1,5 @@
-"""APScheduler jobs of the daemon: study completion now; delivery retries, retention and
-scheduled retraining are added by the services that own them.
+"""APScheduler jobs of the daemon: study completion, delivery retries, retention and
+scheduled retraining (each added by ``service.Service.start``).
 
 Each job opens its own short transaction, so a slow job never blocks the SCP's writes.
 """
@@ -7,7 +7,11 @@ Each job opens its own short transaction, so a slow job never blocks the SCP's w
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
@@ -15,15 +19,54 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from triaged.config import AssemblySettings
-from triaged.worklist.studies import complete_due_studies
+from triaged.dicom.spool import Spool
+from triaged.worklist.studies import complete_due_studies, purge_expired
 
 log = logging.getLogger("triaged.scheduler")
+
+
+def retention_sweep(engine: Engine, spool: Spool, results_dir: Path, days: int) -> int:
+    """Forget studies finished more than ``days`` ago: their files and their rows."""
+    with Session(engine) as s, s.begin():
+        gone = purge_expired(s, days)
+    for uid in gone:
+        spool.remove_study(uid)
+        shutil.rmtree(results_dir / uid, ignore_errors=True)
+    if gone:
+        log.info("retention: %d studies older than %d days removed", len(gone), days)
+    return len(gone)
 
 
 def completion_sweep(engine: Engine, assembly: AssemblySettings) -> list[str]:
     """Complete the studies that have been quiet long enough (see ``complete_due_studies``)."""
     with Session(engine) as s, s.begin():
         return complete_due_studies(s, assembly.quiet_seconds, assembly.max_wait_seconds)
+
+
+def add_cron(
+    scheduler: BackgroundScheduler, name: str, crontab: str, fn: Callable[[], object]
+) -> None:
+    """A crontab-scheduled job (e.g. weekly retraining); errors are logged, not raised."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("scheduled job %s failed", name)
+
+    scheduler.add_job(run, CronTrigger.from_crontab(crontab, timezone="UTC"), id=name, name=name)
+
+
+def run_retrain(args: Sequence[str], config: Path | None) -> int:
+    """Scheduled retraining runs ``triaged retrain`` in its own process (own memory, own log)."""
+    cmd = [sys.executable, "-m", "triaged.cli", "retrain", *args]
+    if config is not None:
+        cmd[4:4] = ["--daemon-config", str(config)]
+    log.info("scheduled retraining: %s", " ".join(cmd[3:]))
+    rc = subprocess.run(cmd, check=False).returncode
+    log.info("scheduled retraining finished with status %d", rc)
+    return rc
 
 
 def make_scheduler() -> BackgroundScheduler:

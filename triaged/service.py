@@ -22,13 +22,21 @@ from triaged.dicom import export
 from triaged.dicom.reconcile import pid_alive, reconcile
 from triaged.dicom.scp import StoreSCP
 from triaged.dicom.spool import Spool
-from triaged.scheduler import add_interval, completion_sweep, make_scheduler
+from triaged.scheduler import (
+    add_cron,
+    add_interval,
+    completion_sweep,
+    make_scheduler,
+    retention_sweep,
+    run_retrain,
+)
 from triaged.worker import StudyProcessor, Worker, release_dead_local_leases
 from triaged.worklist import db
 
 log = logging.getLogger("triaged.service")
 
 DELIVERY_SWEEP_SECONDS = 2.0
+RETENTION_SWEEP_SECONDS = 3600.0
 
 
 @dataclass
@@ -64,6 +72,22 @@ class Service:
             s.assembly.sweep_seconds,
             lambda: completion_sweep(self.engine, s.assembly),
         )
+        if s.storage.retention_days > 0:
+            add_interval(
+                self.scheduler,
+                "retention",
+                RETENTION_SWEEP_SECONDS,
+                lambda: retention_sweep(
+                    self.engine, self.spool, s.storage.results_dir, s.storage.retention_days
+                ),
+            )
+        if s.retrain.enabled:
+            add_cron(
+                self.scheduler,
+                "retrain",
+                s.retrain.cron,
+                lambda: run_retrain(s.retrain.args, s.path),
+            )
         if s.destinations:
             add_interval(
                 self.scheduler,

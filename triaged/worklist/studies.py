@@ -395,3 +395,30 @@ def counts_by_state(engine: Engine) -> dict[str, int]:
             str(k): int(v)
             for k, v in s.execute(select(Study.state, func.count()).group_by(Study.state)).all()
         }
+
+
+FINISHED = (StudyState.DELIVERED, StudyState.SKIPPED, StudyState.FAILED, StudyState.SCORED)
+
+
+def purge_expired(session: Session, days: int, now: datetime | None = None) -> list[str]:
+    """Delete finished studies not touched for ``days`` days; returns their UIDs.
+
+    Only the rows go here; the caller removes the files. Results and deliveries go too:
+    the PACS has the delivered objects, which is where a study lives long-term. Studies a
+    radiologist gave feedback on are kept: they are the labels of the next retraining.
+    """
+    from triaged.worklist.models import Delivery, Result
+    from triaged.worklist.web_models import Feedback
+
+    before = (now or utcnow()) - timedelta(days=days)
+    has_feedback = exists().where(Feedback.study_id == Study.id)
+    studies = session.scalars(
+        select(Study).where(Study.state.in_(FINISHED), Study.updated_at < before, ~has_feedback)
+    ).all()
+    ids = [s.id for s in studies]
+    if not ids:
+        return []
+    for model in (Delivery, Result, Instance, Job, StudyEvent, Series):
+        session.execute(delete(model).where(model.study_id.in_(ids)))
+    session.execute(delete(Study).where(Study.id.in_(ids)))
+    return [s.study_instance_uid for s in studies]
