@@ -15,11 +15,11 @@ def slice_plot_svg(
     probabilities: Sequence[float],
     threshold: float,
     key_slice: int | None = None,
-    width: int = 800,
-    height: int = 220,
+    width: int = 1000,
+    height: int = 250,
 ) -> str:
     """Probability (0-1, y) along the scan (slice index, x), threshold and key slice marked."""
-    left, right, top, bottom = 48, 12, 12, 34
+    left, right, top, bottom = 52, 14, 12, 52
     pw, ph = width - left - right, height - top - bottom
     n = len(probabilities)
 
@@ -43,7 +43,7 @@ def slice_plot_svg(
                      f'text-anchor="end">{tick:.2f}</text>')
     if n:
         for i in _ticks(n):
-            parts.append(f'<text class="axis" x="{x(i):.1f}" y="{height - 12}" '
+            parts.append(f'<text class="axis" x="{x(i):.1f}" y="{top + ph + 20}" '
                          f'text-anchor="middle">{i + 1}</text>')
         pts = " ".join(f"{x(i):.1f},{y(p):.1f}" for i, p in enumerate(probabilities))
         area = f"{x(0):.1f},{y(0):.1f} {pts} {x(n - 1):.1f},{y(0):.1f}"
@@ -59,7 +59,7 @@ def slice_plot_svg(
     if not n:
         parts.append(f'<text class="axis" x="{left + pw / 2}" y="{top + ph / 2}" '
                      'text-anchor="middle">no slice scores</text>')
-    parts.append(f'<text class="axis" x="{left + pw / 2}" y="{height - 1}" '
+    parts.append(f'<text class="axis" x="{left + pw / 2}" y="{height - 6}" '
                  'text-anchor="middle">slice along the scan</text>')
     parts.append("</svg>")
     return "".join(parts)

@@ -11,6 +11,7 @@
   const pollMs = Number(table.dataset.pollMs || 3000);
   const COLS = ["flag", "priority", "fusion", "cbam", "state", "patient", "accession", "date", "waiting", "model"];
   const OPT = new Set(["cbam", "date", "model"]);
+  const OPT2 = new Set(["priority", "accession"]);
   let timer = null;
   let inflight = null;
 
@@ -85,6 +86,7 @@
       if (["priority", "fusion", "cbam", "waiting"].includes(c)) td.classList.add("num");
       if (c === "fusion" || c === "cbam") td.classList.add("prob");
       if (OPT.has(c)) td.classList.add("opt");
+      if (OPT2.has(c)) td.classList.add("opt2");
       if (c === "model") td.classList.add("small");
       tr.appendChild(td);
     }
@@ -133,7 +135,7 @@
       if (!r.ok) throw new Error(`HTTP ${r.status}`);
       const data = await r.json();
       render(data.studies);
-      live.textContent = `${data.count} studies · updated ${new Date().toLocaleTimeString()}`;
+      live.textContent = `${data.count} stud${data.count === 1 ? "y" : "ies"} · updated ${new Date().toLocaleTimeString()}`;
       live.classList.remove("bad");
     } catch (e) {
       if (e.name === "AbortError") return;
