@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+import torch
 from pydicom.pixels import apply_modality_lut
 
 from triaged.dicom.results import build_results
@@ -78,6 +79,8 @@ def test_score_feeds_results_and_is_deterministic(
     assert result.cbam_model is not None and result.cbam_model.name == "cbam-cnn"
     assert {"fusion", "cbam", "aggregate", "explain", "total"} <= set(result.timings)
 
+    # the daemon and `triaged score` may run with other thread counts: same numbers anyway
+    torch.set_num_threads(2)
     again = score_prepared(prepared(study, pipeline, models), pipeline, models)
     assert isinstance(again, StudyScore)
     assert again.fusion_slice_probabilities == result.fusion_slice_probabilities

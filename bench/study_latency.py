@@ -1,0 +1,121 @@
+"""Latency of one study through the scoring pipeline, stage by stage, at real sizes.
+
+Run ``python bench/study_latency.py`` (about 1-2 minutes on 2 cores). It generates a synthetic
+300-slice 512x512 chest CT (``triaged.synthetic``), registers an untrained but real-size
+FusionNet (DenseNet169 branches at 224, Inf-Net at 352) and the CBAM CNN (180) in a temporary
+model store, loads them with the shipped ``pipelines/covid-ct.toml`` and scores the study
+``--repeat`` times with :func:`triaged.pipeline.scoring.score_study`, then builds the SR, SC and
+SEG with ``triaged.dicom.results.build_results``. Printed: the median seconds per stage (select,
+load, transforms, fusion, cbam, explain, aggregate, results) and the whole path; the target is
+under 20 s on 2 cores. BatchNorm statistics are calibrated on phantom slices first, so
+activations (and hence heat-map and infection crops) look like a trained network's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from triaged.dicom.results import build_results
+from triaged.nets.calibrate import calibrate_batchnorm
+from triaged.nets.cbam import BaselineCNN
+from triaged.nets.fusion import FusionNet
+from triaged.pipeline.definition import load_pipeline
+from triaged.pipeline.models import load_models
+from triaged.pipeline.scoring import StudyScore, score_study
+from triaged.registry import Architecture, ModelCard, ModelStore, TrainingData
+from triaged.synthetic import generate_slices, generate_study
+from triaged.training.preprocess import Preprocessing
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("select", "load", "transforms", "fusion", "cbam", "explain", "aggregate")
+
+
+def _card(arch: Architecture, size: int) -> ModelCard:
+    return ModelCard(
+        architecture=arch,
+        data=TrainingData(sources=["none (untrained benchmark model)"], split="none"),
+        preprocessing=Preprocessing(size=size).as_card(),
+        notes="benchmark only: random weights, BatchNorm calibrated on phantoms",
+    )
+
+
+def register_models(store: ModelStore) -> None:
+    """Real-size random models, BatchNorm calibrated, registered and live."""
+    torch.manual_seed(0)
+    fusion = FusionNet()
+    hu, _, _ = generate_slices(4, size=256, seed=0)
+    prep = Preprocessing(size=fusion.config.input_size)
+    calibrate_batchnorm(fusion, [torch.stack([prep(h, "hu") for h in hu])])
+    arch = Architecture(name="fusion", params=asdict(fusion.config))
+    mv = store.register("fusion", fusion.state_dict(), _card(arch, fusion.config.input_size))
+    store.promote("fusion", mv.version)
+    cnn = BaselineCNN(cbam=True)
+    arch = Architecture(name="baseline-cnn", params={"cbam": True, "size": cnn.size})
+    mv = store.register("cbam-cnn", cnn.state_dict(), _card(arch, cnn.size))
+    store.promote("cbam-cnn", mv.version)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--pipeline", type=Path, default=REPO / "pipelines" / "covid-ct.toml")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="triaged-bench-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        study = generate_study(root / "study", seed=7, positive=True, slices=args.slices,
+                               size=args.size, extra_series=("localizer",))
+        t_gen = time.perf_counter() - t0
+        store = ModelStore(root / "models")
+        t0 = time.perf_counter()
+        register_models(store)
+        t_reg = time.perf_counter() - t0
+        pipeline = load_pipeline(args.pipeline)
+        t0 = time.perf_counter()
+        models = load_models(pipeline, store)
+        t_load = time.perf_counter() - t0
+
+        print(f"study: {len(study.files)} files, {args.slices} x {args.size}x{args.size} "
+              f"(generated in {t_gen:.1f} s); models registered in {t_reg:.1f} s, "
+              f"loaded in {t_load:.1f} s; torch threads {torch.get_num_threads()}")
+        print(f"pipeline {pipeline.ref}: {pipeline.preprocess.slices} slices, fusion batch "
+              f"{pipeline.models[0].batch_size}, fast mode {pipeline.models[0].fast}")
+        runs: list[dict[str, float]] = []
+        for n in range(args.repeat):
+            start = time.perf_counter()
+            result = score_study([root / "study"], pipeline, models)
+            if not isinstance(result, StudyScore):
+                raise SystemExit(f"study skipped: {result.reason}")
+            t1 = time.perf_counter()
+            objects = build_results(list(result.datasets), result.to_findings(),
+                                    result_key=f"bench-{n}")
+            t_results = time.perf_counter() - t1
+            timings = {**{k: result.timings.get(k, 0.0) for k in STAGES},
+                       "results": t_results, "total": time.perf_counter() - start}
+            runs.append(timings)
+            stages = "  ".join(f"{k} {v:.2f}" for k, v in timings.items())
+            print(f"run {n + 1}: {stages}  ({len(objects.datasets())} result objects, "
+                  f"p={result.fusion_probability:.3f})")
+        print("\nmedian seconds per stage")
+        for key in (*STAGES, "results", "total"):
+            print(f"  {key:<11} {statistics.median(r[key] for r in runs):7.2f}")
+
+
+if __name__ == "__main__":
+    main()
