@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from triaged.config import Settings, from_dict
 from triaged.web.app import create_app
-from triaged.web.auth import Principal, add_user, hash_password
+from triaged.web.auth import Principal, hash_password
 from triaged.web.deps import SESSION_COOKIE, WebContext
 from triaged.worklist.models import (
     Delivery,
@@ -37,6 +37,7 @@ from triaged.worklist.models import (
     StudyEvent,
     utcnow,
 )
+from triaged.worklist.web_models import User
 
 RAD_PASSWORD = "reading-room-1"
 ADMIN_PASSWORD = "admin-secret-1"
@@ -45,6 +46,18 @@ ADMIN_PASSWORD = "admin-secret-1"
 @pytest.fixture(scope="session")
 def rad_hash() -> str:
     return hash_password(RAD_PASSWORD)
+
+
+@pytest.fixture(scope="session")
+def admin_hash() -> str:
+    return hash_password(ADMIN_PASSWORD)
+
+
+def add_admin(engine: sa.Engine, password_hash: str) -> None:
+    """The database admin ``ann`` (hashed once per session: argon2 is slow on purpose)."""
+    with Session(engine) as s, s.begin():
+        s.add(User(name="ann", role="admin", password_hash=password_hash, disabled=False,
+                   created_at=utcnow()))
 
 
 @dataclass
@@ -115,8 +128,8 @@ def make_settings(root: Path, rad_hash: str, **web: Any) -> Settings:
 
 
 @pytest.fixture
-def web(engine: sa.Engine, tmp_path: Path, rad_hash: str) -> Iterator[Web]:
-    add_user(engine, "ann", "admin", ADMIN_PASSWORD)
+def web(engine: sa.Engine, tmp_path: Path, rad_hash: str, admin_hash: str) -> Iterator[Web]:
+    add_admin(engine, admin_hash)
     settings = make_settings(tmp_path, rad_hash)
     settings.storage.spool_dir.mkdir(parents=True)
     yield Web(engine=engine, root=tmp_path, settings=settings,

@@ -16,8 +16,15 @@ import sqlalchemy as sa
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from sqlalchemy.orm import Session
 
-from tests.web.conftest import ADMIN_PASSWORD, RAD_PASSWORD, Web, _add_result, seed_study
-from triaged.web.auth import add_user
+from tests.web.conftest import (
+    ADMIN_PASSWORD,
+    RAD_PASSWORD,
+    Web,
+    _add_result,
+    add_admin,
+    make_settings,
+    seed_study,
+)
 from triaged.web.server import WebServer, serve_in_thread
 from triaged.worklist import db
 from triaged.worklist.models import Series, Study, utcnow
@@ -37,12 +44,10 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def live(tmp_path: Path, rad_hash: str) -> Iterator[tuple[Web, WebServer]]:
-    from tests.web.conftest import make_settings
-
+def live(tmp_path: Path, rad_hash: str, admin_hash: str) -> Iterator[tuple[Web, WebServer]]:
     engine = db.make_engine(f"sqlite:///{tmp_path / 'worklist.db'}")
     db.upgrade(engine)
-    add_user(engine, "ann", "admin", ADMIN_PASSWORD)
+    add_admin(engine, admin_hash)
     settings = make_settings(tmp_path, rad_hash)
     settings.storage.spool_dir.mkdir(parents=True)
     web = Web(engine=engine, root=tmp_path, settings=settings,
@@ -195,15 +200,32 @@ def test_admin_page_echo_in_place(browser: Browser, live: tuple[Web, WebServer])
     assert errors == []
 
 
-def test_narrow_screen_keeps_the_key_columns(browser: Browser, live: tuple[Web, WebServer]) -> None:
+def test_narrow_screen_keeps_columns_and_scroll(browser: Browser,
+                                               live: tuple[Web, WebServer]) -> None:
     web, server = live
     seed_study(web, 1, scored={"fusion": 0.91, "cbam": 0.8, "flag": True, "priority": 80})
-    page, errors = new_page(browser, 800)
+    waiting = [seed_study(web, n, received_ago=5000 - n * 10, state="QUEUED")
+               for n in range(2, 31)]
+    page, errors = new_page(browser, 800, 600)
     login(page, server.url, "rad", RAD_PASSWORD)
     row = page.locator("#worklist tbody tr").first
     expect(row.locator("[data-col=fusion]")).to_be_visible()
     expect(row.locator("[data-col=patient]")).to_be_visible()
     expect(row.locator("[data-col=model]")).to_be_hidden()
-    page.screenshot(path=str(ARTIFACTS / "worklist-narrow.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "worklist-narrow.png"))
+    # scrolled down, a study far below is scored and moves up: what the reader looks at
+    # stays where it is on the screen (the page is patched, not reloaded)
+    page.mouse.wheel(0, 500)
+    wait_js(page, "window.scrollY >= 400")
+    in_view = """() => { const r = [...document.querySelectorAll('#worklist tbody tr')]
+        .find(r => r.getBoundingClientRect().top > 100);
+        return [r.dataset.uid, Math.round(r.getBoundingClientRect().top)]; }"""
+    before = page.evaluate(in_view)
+    assert before[0] != waiting[-1]
+    score(web, waiting[-1], fusion=0.7, cbam=0.6, flag=True, priority=50)
+    expect(page.locator("#worklist tbody tr").nth(1)).to_have_attribute("data-uid", waiting[-1])
+    row_top = f"document.querySelector('tr[data-uid=\"{before[0]}\"]').getBoundingClientRect().top"
+    assert abs(page.evaluate(row_top) - before[1]) <= 1
+    assert page.evaluate("window.scrollY") >= 400
     page.close()
     assert errors == []

@@ -15,11 +15,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from fastapi import FastAPI
 
-from triaged.config import TLSSettings
+from triaged.config import TLSSettings, from_dict
 from triaged.web.app import fmt_age, fmt_pct, fmt_time
 from triaged.web.plot import slice_plot_svg
 from triaged.web.queries import label_for, model_version
-from triaged.web.server import serve_in_thread
+from triaged.web.server import serve_in_thread, start_web
 from triaged.worklist import db
 from triaged.worklist.models import Base
 from triaged.worklist.web_models import AuditEntry  # noqa: F401  (registers the tables)
@@ -123,3 +123,20 @@ def test_serve_in_thread_with_tls(tmp_path: Path) -> None:
                          timeout=5).status_code == 200
     finally:
         server.stop()
+
+
+def test_start_web_follows_the_config(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    db.upgrade(engine)
+    off = from_dict({"web": {"enabled": False}}, tmp_path, {})
+    assert start_web(off, engine) is None
+    on = from_dict({"web": {"port": 0, "secret_key": "k" * 32}}, tmp_path, {})
+    server = start_web(on, engine, status=lambda: {"scp_listening": False})
+    assert server is not None
+    try:
+        assert server.url.startswith("http://127.0.0.1:")  # default bind is loopback
+        assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 503
+        assert httpx.get(f"{server.url}/login", timeout=5).status_code == 200
+    finally:
+        server.stop()
+        engine.dispose()

@@ -219,7 +219,7 @@ def image_path(result: Result, kind: str) -> Path | None:
     if not isinstance(p, str) or not p:
         return None
     path = Path(p)
-    return path if path.is_file() else None
+    return path if path.suffix.lower() == ".png" and path.is_file() else None
 
 
 def _result_out(result: Result, image_url: Callable[[str], str]) -> ResultOut:

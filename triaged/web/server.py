@@ -11,11 +11,17 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy import Engine
 
-from triaged.config import TLSSettings
+from triaged.config import Settings, TLSSettings
+
+if TYPE_CHECKING:
+    from triaged.registry import ModelStore
 
 log = logging.getLogger("triaged.web")
 
@@ -68,7 +74,8 @@ def serve_in_thread(app: FastAPI, bind: str, port: int, tls: TLSSettings | None 
         if tls.ca is not None:
             kwargs |= {"ssl_ca_certs": str(tls.ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     config = uvicorn.Config(app, host=bind, port=port, log_level="warning", access_log=False,
-                            lifespan="off", server_header=False, **kwargs)  # type: ignore[arg-type]
+                            lifespan="off", server_header=False,
+                            timeout_graceful_shutdown=5, **kwargs)  # type: ignore[arg-type]
     server = uvicorn.Server(config)
     failure: list[BaseException] = []
 
@@ -90,3 +97,20 @@ def serve_in_thread(app: FastAPI, bind: str, port: int, tls: TLSSettings | None 
     handle = WebServer(server, thread, "https" if tls else "http", bind)
     log.info("web page at %s", handle.url)
     return handle
+
+
+def start_web(
+    settings: Settings,
+    engine: Engine,
+    *,
+    store: ModelStore | None = None,
+    status: Callable[[], Mapping[str, object]] | None = None,
+    echo: Callable[[str], tuple[bool, str]] | None = None,
+) -> WebServer | None:
+    """``serve``'s one call: build the app and serve it per ``[web]``; None when disabled."""
+    if not settings.web.enabled:
+        return None
+    from triaged.web.app import create_app
+
+    app = create_app(settings, engine, store=store, status=status, echo=echo)
+    return serve_in_thread(app, settings.web.bind, settings.web.port, settings.web.tls)
