@@ -7,6 +7,7 @@ admin action is written to the audit log.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -72,7 +73,8 @@ def worklist_filter(
 Filter = Annotated[queries.WorklistFilter, Depends(worklist_filter)]
 
 
-def image_url(uid: str) -> Any:
+def image_url(uid: str) -> Callable[[str], str]:
+    """The URL maker for a study's result images (``kind`` -> URL)."""
     return lambda kind: f"/api/studies/{quote(uid)}/images/{kind}"
 
 

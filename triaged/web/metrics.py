@@ -20,7 +20,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, case, func, literal_column, select
+from sqlalchemy import Engine, Float, case, func, literal_column, select
+from sqlalchemy import cast as sa_cast
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -43,7 +44,7 @@ def seconds_between(engine: Engine, start: Any, end: Any) -> ColumnElement[float
     """``end - start`` in seconds, in the SQL of the engine's dialect."""
     if engine.dialect.name == "sqlite":
         return (func.julianday(end) - func.julianday(start)) * literal_column("86400.0")
-    return func.extract("epoch", end - start)
+    return sa_cast(func.extract("epoch", end - start), Float)
 
 
 def _histogram(
