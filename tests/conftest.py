@@ -194,12 +194,20 @@ class Daemon:
         return list(json.loads(out.stdout))
 
     def wait_state(self, state: str, n: int = 1, timeout: float = 60) -> list[dict[str, Any]]:
+        """Wait until ``n`` studies are in ``state``; fail at once on an unexpected dead end."""
         deadline = time.monotonic() + timeout
         rows: list[dict[str, Any]] = []
+        dead_ends = {"FAILED", "SKIPPED"} - {state}
         while time.monotonic() < deadline:
             rows = self.worklist()
             if sum(r["state"] == state for r in rows) >= n:
                 return rows
+            stuck = [r for r in rows if r["state"] in dead_ends]
+            if stuck:
+                raise AssertionError(
+                    f"study ended {stuck[0]['state']}: "
+                    f"{stuck[0]['state_reason']}\n{self.log()[-3000:]}"
+                )
             time.sleep(0.3)
         raise TimeoutError(f"expected {n} studies in {state}, have {rows}\n{self.log()}")
 

@@ -289,6 +289,51 @@ def _settings_or_none() -> Settings | None:
     return load(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).is_file() else None
 
 
+# -- web ---------------------------------------------------------------------------------------
+def _password(args: argparse.Namespace) -> str:
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise UserError("the two passwords differ")
+    return first
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from triaged.web.auth import UserError as WebUserError
+    from triaged.web.auth import add_user, hash_password
+
+    try:
+        if args.action == "hash-password":
+            print(hash_password(_password(args)))
+            return 0
+        from triaged.worklist import db
+
+        settings = _settings(args)
+        engine = db.make_engine(settings.database.url)
+        try:
+            db.ensure_schema(engine)
+            if args.action == "add-user":
+                if not args.name or not args.role:
+                    raise UserError("add-user needs NAME and --role")
+                created = add_user(engine, args.name, args.role, _password(args))
+                print(f"user {args.name} {'created' if created else 'updated'} ({args.role})")
+            else:
+                from triaged.web.queries import export_labels
+
+                if not args.name:
+                    raise UserError("export-labels needs a PATH")
+                n = export_labels(engine, args.name, spool_root=settings.storage.spool_dir)
+                print(f"{n} labels written to {args.name}")
+        finally:
+            engine.dispose()
+    except WebUserError as err:
+        raise UserError(str(err)) from None
+    return 0
+
+
 # -- demo ----------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from triaged.demo import run_demo
@@ -362,6 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     training_cli.add_arguments(p)
     p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("web", help="web users and radiologist labels")
+    _add_config(p)
+    p.add_argument("action", choices=["add-user", "hash-password", "export-labels"])
+    p.add_argument("name", nargs="?", help="user NAME (add-user) or output PATH (export-labels)")
+    p.add_argument("--role", choices=["radiologist", "admin"])
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("demo", help="end-to-end demo on synthetic studies (not for clinical use)")
     p.add_argument("--workdir", default="demo", help="folder for everything the demo makes")

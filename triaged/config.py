@@ -113,6 +113,7 @@ class WebSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65535)
     secret_key: str = ""
     users: list[WebUser] = Field(default_factory=list)
+    session_hours: float = Field(default=12.0, gt=0)
     open_health: bool = True
     open_metrics: bool = True
     tls: TLSSettings | None = None

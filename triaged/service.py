@@ -12,6 +12,7 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import FrameType
 
 from sqlalchemy import Engine
@@ -136,6 +137,7 @@ class Service:
             store=ModelStore(self.settings.models.store),
             status=self.status,
             echo=self.echo,
+            session_lifetime=timedelta(hours=web.session_hours),
         )
         server = serve_in_thread(app, web.bind, web.port, web.tls)
         self._on_stop.append(server.stop)
