@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.pixels import apply_modality_lut
+from scipy.ndimage import gaussian_filter
 
 from triaged.dicom.results import (
     COVID19,
@@ -23,108 +23,78 @@ from triaged.dicom.results import (
     deterministic_uid,
     render_key_slice,
 )
+from triaged.synthetic import generate_study
 
 ROWS = COLS = 128
 SLICES = 20
 
 
-def _ct_series(n: int = SLICES, size: int = ROWS) -> list[pydicom.Dataset]:
-    """A tiny but complete CT Image Storage series (temporary until triaged.synthetic lands)."""
-    study_uid, series_uid, for_uid = generate_uid(), generate_uid(), generate_uid()
-    yy, xx = np.mgrid[:size, :size]
-    body = ((yy - size / 2) / (0.42 * size)) ** 2 + ((xx - size / 2) / (0.46 * size)) ** 2 < 1
-    lungs = (
-        ((yy - size / 2) / (0.3 * size)) ** 2
-        + ((np.abs(xx - size / 2) - 0.2 * size) / (0.15 * size)) ** 2
-    ) < 1
-    out = []
-    for z in range(n):
-        hu = np.full((size, size), -1000, np.int16)
-        hu[body] = 40
-        hu[lungs] = -850
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.PatientName = "Phantom^Chest"
-        ds.PatientID = "PHANTOM-1"
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.StudyInstanceUID = study_uid
-        ds.StudyDate = "20240102"
-        ds.StudyTime = "101500"
-        ds.StudyID = "1"
-        ds.AccessionNumber = "ACC1"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "CT CHEST"
-        ds.Modality = "CT"
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = 2
-        ds.FrameOfReferenceUID = for_uid
-        ds.PositionReferenceIndicator = ""
-        ds.Manufacturer = "Phantom"
-        ds.InstanceNumber = z + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.AcquisitionNumber = 1
-        ds.KVP = 120
-        ds.PatientPosition = "HFS"
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-size / 2, -size / 2, -2.5 * z]
-        ds.SliceThickness = 2.5
-        ds.PixelSpacing = [1.0, 1.0]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = 0
-        ds.RescaleSlope = 1
-        ds.RescaleType = "HU"
-        ds.WindowCenter = -600
-        ds.WindowWidth = 1500
-        ds.PixelData = hu.tobytes()
-        out.append(ds)
-    return out
+@dataclass(frozen=True)
+class Phantom:
+    """The axial series of a synthetic study, read back, with its lesion ground truth."""
+
+    sources: list[pydicom.Dataset]
+    lesion_mask: np.ndarray  # (z, y, x) bool, aligned with sources
+
+    @property
+    def infected(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(self.lesion_mask.any(axis=(1, 2)))]
+
+    @property
+    def key(self) -> int:
+        return int(np.argmax(self.lesion_mask.sum(axis=(1, 2))))
 
 
-def _findings(
-    sources: Sequence[pydicom.Dataset], *, infected: Sequence[int] = (8, 9, 11)
-) -> StudyFindings:
-    rows, cols = sources[0].Rows, sources[0].Columns
-    yy, xx = np.mgrid[:rows, :cols]
-    masks: dict[int, np.ndarray] = {}
-    for k, i in enumerate(infected):
-        masks[i] = (yy - 60 - k) ** 2 + (xx - 40) ** 2 < (6 + k) ** 2
-    masks[3] = np.zeros((rows, cols), bool)  # scored but clean: must not become a frame
-    heat = np.exp(-((yy - 60) ** 2 + (xx - 40) ** 2) / (2 * 12.0**2))
+def _phantom(
+    out_dir: Path, *, seed: int, positive: bool, slices: int, transfer_syntax: str | None = None
+) -> Phantom:
+    study = generate_study(
+        out_dir,
+        seed=seed,
+        positive=positive,
+        slices=slices,
+        size=ROWS,
+        transfer_syntax=transfer_syntax,
+    )
+    sources = [pydicom.dcmread(p) for p in study.series[0].paths]
+    return Phantom(sources, study.lesion_mask)
+
+
+def _findings(phantom: Phantom) -> StudyFindings:
+    """Findings as the pipeline would report them, with the ground truth as its 'prediction'."""
+    masks = {i: phantom.lesion_mask[i] for i in phantom.infected}
+    clean = next(i for i in range(len(phantom.sources)) if i not in masks)
+    masks[clean] = np.zeros((ROWS, COLS), bool)  # scored but clean: must not become a frame
+    heat = gaussian_filter(phantom.lesion_mask[phantom.key].astype(float), sigma=3.0)
     return StudyFindings(
         fusion_probability=0.8731,
         cbam_probability=0.6125,
         threshold=0.5,
         positive=True,
-        key_slice_index=9,
-        heatmap=heat,
+        key_slice_index=phantom.key,
+        heatmap=heat / heat.max(),
         infected_masks=masks,
         model=ModelInfo("fusion-densenet169", "2024.01.1"),
         cbam_model=ModelInfo("cbam-cnn", "2024.01.2"),
-        evidence_indices=list(range(4, 16)),
+        evidence_indices=list(range(3, SLICES - 3)),
     )
 
 
 @pytest.fixture(scope="module")
-def sources() -> list[pydicom.Dataset]:
-    return _ct_series()
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Phantom:
+    made = _phantom(tmp_path_factory.mktemp("study"), seed=3, positive=True, slices=SLICES)
+    assert 2 <= len(made.infected) < SLICES - 1, "phantom should have some clean slices"
+    return made
 
 
 @pytest.fixture(scope="module")
-def results(sources: list[pydicom.Dataset]) -> ResultObjects:
-    return build_results(sources, _findings(sources), result_key="job-42")
+def sources(phantom: Phantom) -> list[pydicom.Dataset]:
+    return phantom.sources
+
+
+@pytest.fixture(scope="module")
+def results(phantom: Phantom) -> ResultObjects:
+    return build_results(phantom.sources, _findings(phantom), result_key="job-42")
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +123,10 @@ def test_dciodvfy_reports_no_error(saved: dict[str, Path], name: str) -> None:
 
 
 def test_anonymised_negative_study_without_cbam_is_valid(tmp_path: Path) -> None:
-    """Sources lacking Type 2 patient/study values, no CBAM score, nothing infected."""
-    sources = _ct_series(n=6)
+    """Compressed sources lacking Type 2 patient/study values, no CBAM score, nothing infected."""
+    sources = _phantom(
+        tmp_path / "study", seed=5, positive=False, slices=6, transfer_syntax="JPEG2000Lossless"
+    ).sources
     blanked = ("PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID")
     for ds in sources:
         for keyword in blanked:
@@ -194,6 +166,7 @@ def _content_items(item: pydicom.Dataset) -> list[pydicom.Dataset]:
 def test_sr_holds_finding_probabilities_and_evidence(
     saved: dict[str, Path], sources: list[pydicom.Dataset]
 ) -> None:
+    """The key slice (a lesion slice) lies inside the evidence range, so no extra reference."""
     sr = pydicom.dcmread(saved["sr"])
     assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
     assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
@@ -219,15 +192,17 @@ def test_sr_holds_finding_probabilities_and_evidence(
         for it in items
         if it.ValueType == "IMAGE"
     }
-    assert referenced == {sources[i].SOPInstanceUID for i in range(4, 16)}
+    assert referenced == {sources[i].SOPInstanceUID for i in range(3, SLICES - 3)}
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
     assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
 
 
-def test_negative_study_is_reported_absent(sources: list[pydicom.Dataset]) -> None:
-    findings = _findings(sources, infected=())
-    negative = StudyFindings(**{**findings.__dict__, "fusion_probability": 0.1, "positive": False})
-    result = build_results(sources, negative, result_key="job-neg")
+def test_negative_study_is_reported_absent(phantom: Phantom) -> None:
+    findings = _findings(phantom)
+    negative = StudyFindings(
+        **{**findings.__dict__, "fusion_probability": 0.1, "positive": False, "infected_masks": {}}
+    )
+    result = build_results(phantom.sources, negative, result_key="job-neg")
     assert result.seg is None
     values = {
         (c.CodeValue, c.CodingSchemeDesignator)
@@ -239,16 +214,17 @@ def test_negative_study_is_reported_absent(sources: list[pydicom.Dataset]) -> No
 
 
 def test_sc_has_burned_in_warning_over_the_heatmap(
-    saved: dict[str, Path], sources: list[pydicom.Dataset]
+    saved: dict[str, Path], phantom: Phantom
 ) -> None:
     sc = pydicom.dcmread(saved["sc"])
+    key = phantom.sources[phantom.key]
+    heat = _findings(phantom).heatmap
     assert sc.BurnedInAnnotation == "YES"
     assert NOT_FOR_DIAGNOSTIC_USE in sc.SeriesDescription
     assert sc.PhotometricInterpretation == "RGB"
-    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == sources[9].SOPInstanceUID
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == key.SOPInstanceUID
     pixels = sc.pixel_array
-    key = sources[9]
-    plain = render_key_slice(key.pixel_array.astype(float), _findings(sources).heatmap)
+    plain = render_key_slice(apply_modality_lut(key.pixel_array, key).astype(float), heat)
     assert pixels.shape == plain.shape
     differs = np.any(pixels != plain, axis=-1)
     top = differs[: pixels.shape[0] // 8]
@@ -256,17 +232,21 @@ def test_sc_has_burned_in_warning_over_the_heatmap(
     assert top.mean() > 0.02, "no text burned in at the top"
     assert middle.mean() == 0.0, "text leaks over the middle of the slice"
     # The heat-map is colour: the hot spot is red-dominant, the plain lung is grey.
-    hot = plain[60 * pixels.shape[0] // ROWS, 40 * pixels.shape[1] // COLS].astype(int)
+    factor = pixels.shape[0] // ROWS
+    y, x = np.unravel_index(np.argmax(heat), heat.shape)
+    hot = plain[y * factor + factor // 2, x * factor + factor // 2].astype(int)
     assert hot[0] > hot[2] + 50
-    assert float(sc.PixelSpacing[0]) == pytest.approx(ROWS / pixels.shape[0])
+    cold = plain[factor // 2, factor // 2].astype(int)  # air in the corner: plain grey
+    assert cold[0] == cold[1] == cold[2]
+    spacing = float(key.PixelSpacing[0]) / factor
+    assert float(sc.PixelSpacing[0]) == pytest.approx(spacing, rel=1e-6)
 
 
-def test_seg_frames_match_infected_slices(
-    saved: dict[str, Path], sources: list[pydicom.Dataset]
-) -> None:
+def test_seg_frames_match_infected_slices(saved: dict[str, Path], phantom: Phantom) -> None:
     seg = hd.seg.segread(saved["seg"])
-    findings = _findings(sources)
-    infected = [8, 9, 11]
+    sources = phantom.sources
+    findings = _findings(phantom)
+    infected = phantom.infected
     assert seg.SegmentationType == "BINARY"
     assert seg.NumberOfFrames == len(infected)
     described = seg.SegmentSequence[0]
@@ -277,13 +257,17 @@ def test_seg_frames_match_infected_slices(
     volume = seg.get_pixels_by_source_instance(uids, segment_numbers=[1])
     for frame, i in zip(volume[..., 0], infected, strict=True):
         np.testing.assert_array_equal(frame.astype(bool), findings.infected_masks[i])
+    referenced = {
+        ref.ReferencedSOPInstanceUID
+        for series in seg.ReferencedSeriesSequence
+        for ref in series.ReferencedInstanceSequence
+    }
+    assert referenced == set(uids)
 
 
-def test_same_key_same_uids_other_key_new(
-    results: ResultObjects, sources: list[pydicom.Dataset]
-) -> None:
-    again = build_results(sources, _findings(sources), result_key="job-42")
-    other = build_results(sources, _findings(sources), result_key="job-43")
+def test_same_key_same_uids_other_key_new(results: ResultObjects, phantom: Phantom) -> None:
+    again = build_results(phantom.sources, _findings(phantom), result_key="job-42")
+    other = build_results(phantom.sources, _findings(phantom), result_key="job-43")
     for name in ("sr", "sc", "seg"):
         first, second, third = (getattr(r, name) for r in (results, again, other))
         assert first.SOPInstanceUID == second.SOPInstanceUID
@@ -314,8 +298,9 @@ def test_objects_live_in_source_study_in_new_series(
         assert "fusion-densenet169 2024.01.1" in versions
 
 
-def test_inconsistent_findings_are_refused(sources: list[pydicom.Dataset]) -> None:
-    findings = _findings(sources)
+def test_inconsistent_findings_are_refused(phantom: Phantom) -> None:
+    sources = phantom.sources
+    findings = _findings(phantom)
     with pytest.raises(ValueError, match="fusion_probability"):
         StudyFindings(**{**findings.__dict__, "fusion_probability": 1.5})
     with pytest.raises(ValueError, match="heatmap shape"):
