@@ -10,7 +10,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels.processing import apply_modality_lut
 from scipy.ndimage import gaussian_filter
 
 from triaged.dicom.results import (
@@ -56,7 +56,7 @@ def _phantom(
         size=ROWS,
         transfer_syntax=transfer_syntax,
     )
-    sources = [pydicom.dcmread(p) for p in study.series[0].paths]
+    sources: list[pydicom.Dataset] = [pydicom.dcmread(p) for p in study.series[0].paths]
     return Phantom(sources, study.lesion_mask)
 
 

@@ -28,7 +28,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels.processing import apply_modality_lut
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
@@ -174,7 +174,7 @@ def heat_colours(heatmap: np.ndarray) -> np.ndarray:
     """Map [0, 1] to a blue-cyan-yellow-red ramp (jet-like), shape (..., 3) uint8."""
     h = np.clip(heatmap.astype(np.float64), 0.0, 1.0)[..., None]
     centres = np.array([0.75, 0.5, 0.25])  # red, green, blue peak positions
-    rgb = np.clip(1.5 - np.abs(4.0 * (h - centres)), 0.0, 1.0)
+    rgb: np.ndarray = np.clip(1.5 - np.abs(4.0 * (h - centres)), 0.0, 1.0)
     return np.rint(rgb * 255.0).astype(np.uint8)
 
 
@@ -437,7 +437,7 @@ def build_capture(
         manufacturer_model_name=findings.model.name[:64],
         software_versions=_software_versions(findings),
         institution_name=institution_name,
-        pixel_spacing=pixel_spacing,  # type: ignore[arg-type]  # highdicom hints int, means mm
+        pixel_spacing=pixel_spacing,
         patient_orientation=_patient_orientation(key),
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
         series_description=f"COVID-19 heat-map - {NOT_FOR_DIAGNOSTIC_USE}",
@@ -505,7 +505,7 @@ def build_segmentation(
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=findings.model.name[:64],
-        software_versions=_software_versions(findings),
+        software_versions=f"triaged {__version__}",  # all versions are set below
         device_serial_number=device_serial_number,
         content_label="INFECTION",
         content_description=NOT_FOR_DIAGNOSTIC_USE,
@@ -513,6 +513,8 @@ def build_segmentation(
         institution_name=institution_name,
         series_description=f"COVID-19 infection - {NOT_FOR_DIAGNOSTIC_USE}",
     )
+    # highdicom types this as str | tuple[str]; pydicom wants a list for several LO values.
+    seg["SoftwareVersions"].value = _software_versions(findings)
     return seg
 
 
