@@ -78,7 +78,7 @@ def test_tissue_hu_is_plausible(seed: int) -> None:
     assert np.median(hu[:, :, :3]) < -950
     gap = hu[:, SHAPE[1] // 2 - 10 : SHAPE[1] // 2, mid - 2 : mid + 3]
     assert -150 < np.median(gap) < 250
-    lung_columns = lungs.any(axis=(0, 1))
+    lung_columns = np.asarray(lungs.any(axis=(0, 1)))
     assert lung_columns[: SHAPE[2] // 2].any() and lung_columns[SHAPE[2] // 2 :].any()
     assert not lung_columns[mid], "a mediastinal gap separates the lungs"
 

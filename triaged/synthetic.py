@@ -163,7 +163,10 @@ def _lung_scale(t: np.ndarray | float) -> np.ndarray:
 
 
 def _sample_anatomy(rng: np.random.Generator, z_extent: float, positive: bool) -> _Anatomy:
-    j = lambda scale: 1.0 + scale * (rng.random() * 2.0 - 1.0)  # noqa: E731 - jitter factor
+    def j(scale: float) -> float:
+        """A random factor within 1 +/- scale: anatomy differs from seed to seed."""
+        return 1.0 + scale * (float(rng.random()) * 2.0 - 1.0)
+
     body_axes = (112.0 * j(0.07), 160.0 * j(0.07))
     body_cy = -12.0 * j(0.3)
     lung_axes = (78.0 * j(0.06), 50.0 * j(0.06))
@@ -667,8 +670,10 @@ def _tilted_volume(
     zz = np.broadcast_to(zi[:, :, None], (nz, ny, nx))
     yy = np.broadcast_to(yi[None, :, None], (nz, ny, nx))
     xx = np.broadcast_to(np.arange(nx, dtype=np.float32)[None, None, :], (nz, ny, nx))
-    out = ndimage.map_coordinates(hu.astype(np.float32), [zz, yy, xx], order=1, mode="nearest")
-    return np.rint(out).astype(np.int16)
+    out: np.ndarray = ndimage.map_coordinates(
+        hu.astype(np.float32), [zz, yy, xx], order=1, mode="nearest"
+    )
+    return np.asarray(np.rint(out), dtype=np.int16)
 
 
 def generate_study(
