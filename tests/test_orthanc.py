@@ -30,7 +30,7 @@ from triaged.synthetic import generate_study
 
 DEPLOY = REPO / "deploy" / "orthanc"
 STABLE_AGE = 2
-USER, PASSWORD = "tester", "not-a-secret"
+USER, PASSWORD = "admin", "not-a-secret"  # orthanc.json: admin / ${ORTHANC_ADMIN_PASSWORD}
 SOP_CT = "1.2.840.10008.5.1.4.1.1.2"
 SOP_SR_3D = "1.2.840.10008.5.1.4.1.1.88.34"
 SOP_SC = "1.2.840.10008.5.1.4.1.1.7"
@@ -88,7 +88,6 @@ class Orthanc:
             LuaScripts=[str(DEPLOY / "forward.lua")],
             StableAge=STABLE_AGE,
             RemoteAccessAllowed=False,
-            RegisteredUsers={USER: PASSWORD},
             # Orthanc 1.10 has no OnHeartBeat timer: the test calls it through the REST API.
             ExecuteLuaEnabled=True,
         )
@@ -102,7 +101,7 @@ class Orthanc:
             ["Orthanc", str(path)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "TCP_NODELAY": "1"},
+            env={**os.environ, "TCP_NODELAY": "1", "ORTHANC_ADMIN_PASSWORD": PASSWORD},
             cwd=self.root,
         )
 
@@ -323,11 +322,15 @@ def test_failed_forward_is_resubmitted_once_triaged_is_up(
     assert pacs.execute_lua("OnHeartBeat()") == ""  # nothing left to resubmit
 
 
-def test_orthanc_accepts_stores_only_from_listed_modalities(
+def test_orthanc_accepts_only_listed_modalities_and_its_admin(
     orthanc_factory: Callable[[int], Orthanc],
     tmp_path: Path,
 ) -> None:
     pacs = orthanc_factory(free_port()).start()
+    # the REST API wants the admin password from the environment
+    base = str(pacs.client.base_url)
+    assert httpx.get(f"{base}/system").status_code == 401
+    assert httpx.get(f"{base}/system", auth=(USER, "wrong")).status_code == 401
     study = generate_study(tmp_path / "s", seed=43, positive=False, slices=2, size=32)
     stranger = storescu(pacs.dicom_port, *study.files, aet="STRANGER", aec="ORTHANC")
     assert stranger.returncode != 0
