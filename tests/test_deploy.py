@@ -283,6 +283,13 @@ def run_health(argv: list[str], port: int) -> int:
     return subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode
 
 
+def health_body(port: int) -> str:
+    """What /healthz said (for the failure message)."""
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).text
+
+
 def test_health_check_command_follows_the_status_code(
     image: tuple[dict[str, str], list[Stage]], status_server: Callable[[int], int]
 ) -> None:
@@ -303,7 +310,37 @@ def test_health_check_passes_on_serve_as_the_compose_stack_runs_it(
     web_port = free_port()
     d = make_daemon(web={"enabled": True, "port": web_port}, worker={"in_process": 0})
     d.start()
-    assert run_health(health_check_argv(image), web_port) == 0, d.log()[-3000:]
+    assert run_health(health_check_argv(image), web_port) == 0, health_body(web_port)
+
+
+def test_health_check_passes_on_a_fresh_single_node_with_a_live_model(
+    image: tuple[dict[str, str], list[Stage]], make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """The systemd/single-container shape: an in-process worker, a live model, no study yet.
+
+    A node that can score must be healthy from the start, not only after its first study.
+    """
+    import torch
+
+    from tests.pipeline.conftest import register_cbam, register_fusion
+    from triaged.registry import ModelStore
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    store = ModelStore(tmp_path / "models")
+    register_fusion(store, seed=0)
+    register_cbam(store)
+    torch.set_num_threads(before)
+    web_port = free_port()
+    d = make_daemon(
+        pipelines=[str(REPO / "pipelines" / "covid-ct.toml")],
+        models={"store": str(store.root)},
+        web={"enabled": True, "port": web_port},
+        worker={"in_process": 1},
+    )
+    d.start()
+    assert run_health(health_check_argv(image), web_port) == 0, health_body(web_port)
 
 
 # -- compose -------------------------------------------------------------------------------
