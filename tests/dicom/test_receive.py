@@ -152,7 +152,8 @@ def send_unconverted(port: int, path: Path) -> subprocess.CompletedProcess[str]:
     return storescu(port, path, extra=extra, timeout=60)
 
 
-def _compressed_samples() -> list[Path]:
+def _compressed_samples(out: Path) -> list[Path]:
+    """One pydicom sample per compressed syntax, copied with its own SOP Instance UID."""
     wanted = {
         "JPEG Baseline (Process 1)",
         "JPEG Extended (Process 2 and 4)",
@@ -165,20 +166,35 @@ def _compressed_samples() -> list[Path]:
         "Deflated Explicit VR Little Endian",
     }
     chosen: dict[str, Path] = {}
+    out.mkdir(parents=True, exist_ok=True)
     for p in sorted(PYDICOM_FILES.glob("*.dcm")):
         try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            ds = pydicom.dcmread(p)
             name = ds.file_meta.TransferSyntaxUID.name
         except Exception:
             continue
-        if name in wanted and name not in chosen and "PixelData" in pydicom.dcmread(p):
-            chosen[name] = p
+        if name not in wanted or name in chosen or "PixelData" not in ds:
+            continue
+        try:
+            ds.pixel_array  # noqa: B018 - only samples that pydicom itself can decode
+        except Exception:
+            continue
+        # several samples are one image in several syntaxes with one SOP Instance UID: give
+        # each copy its own, or the spool rightly stores only the first
+        for k in ("StudyInstanceUID", "SeriesInstanceUID"):
+            if not ds.get(k):
+                setattr(ds, k, generate_uid())
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        copy = out / p.name
+        ds.save_as(copy)
+        chosen[name] = copy
     assert set(chosen) == wanted, wanted - set(chosen)
     return list(chosen.values())
 
 
 def test_compressed_transfer_syntaxes_are_stored_and_decode(make_daemon, tmp_path) -> None:
-    samples = _compressed_samples()
+    samples = _compressed_samples(tmp_path / "samples")
     study = generate_study(
         tmp_path / "rle", seed=5, slices=2, size=32, transfer_syntax="RLELossless"
     )

@@ -97,7 +97,8 @@ def check_complete(ds: Dataset) -> None:
             and len(value) < length
         ):
             raise BadInstance(f"truncated dataset: element {elem.tag} is short")
-    if "Rows" in ds and not any(k in ds for k in _PIXEL_KEYWORDS):
+    is_image = "Image Storage" in ds.SOPClassUID.name if "SOPClassUID" in ds else False
+    if ("Rows" in ds or is_image) and not any(k in ds for k in _PIXEL_KEYWORDS):
         raise BadInstance("truncated dataset: image without pixel data")
     if "PixelData" not in ds:
         return
