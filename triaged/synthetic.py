@@ -316,7 +316,7 @@ def _render(
                     lung &= ~(heart_r < (hs * 1.12) ** 2)
                     sl[heart] = blood
             if t < 0.16:  # diaphragm domes: only the costophrenic recesses are still lung
-                dome = 0.75 * (0.16 - t) / 0.16
+                dome = (0.16 - t) / 0.16  # the first slice is below the lung bases
                 lung &= ~(_ellipse(y, x, a.lung_center_y, a.lung_center_x, ay, ax) < dome) & ~(
                     _ellipse(y, x, a.lung_center_y, -a.lung_center_x, ay, ax) < dome * 1.1
                 )
@@ -396,9 +396,11 @@ def phantom_volume(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """HU int16 volume (z,y,x), lung mask, lesion mask.
 
-    ``spacing`` is (z, y, x) in mm; the phantom is centred in the plane and its lungs span
-    the whole z range whatever its extent, so that small test volumes still show lungs on
-    every slice. ``contrast`` brightens blood (a venous phase) without moving anything.
+    ``spacing`` is (z, y, x) in mm; the phantom is centred in the plane and its anatomy is
+    scaled to the z range whatever its extent: the first (most inferior) slice lies just
+    below the lung bases and has no lung, every other slice shows both lungs, so that small
+    test volumes still look like a chest. ``contrast`` brightens blood (a venous phase)
+    without moving anything.
     """
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be three positive sizes, got {shape}")
