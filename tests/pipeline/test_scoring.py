@@ -17,7 +17,13 @@ from triaged.dicom.results import build_results
 from triaged.pipeline import transforms as T
 from triaged.pipeline.definition import Pipeline
 from triaged.pipeline.models import LoadedModels, load_models
-from triaged.pipeline.scoring import Skip, StudyScore, preparation_for, score_prepared
+from triaged.pipeline.scoring import (
+    Skip,
+    StudyScore,
+    preparation_for,
+    score_prepared,
+    score_study,
+)
 from triaged.registry import ModelStore
 from triaged.synthetic import SyntheticStudy, generate_study
 
@@ -118,3 +124,86 @@ def test_seg_off_writes_no_masks_into_the_findings(
     assert result.outputs == ("sr", "sc")
     assert result.to_findings().infected_masks == {}
     assert list(result.heatmaps) == [result.key_slice_index]
+
+
+# ---------------------------------------------------------------- score_study, files in
+
+
+def test_score_study_picks_the_axial_series_among_localizer_thick_and_phases(
+    tmp_path: Path, store: ModelStore, pipeline: Pipeline
+) -> None:
+    s = generate_study(
+        tmp_path, seed=9, positive=True, slices=16, size=48,
+        extra_series=("localizer", "thick", "phase2", "sc"),
+    )
+    result = score_study([tmp_path], pipeline, load_models(pipeline, store))
+    assert isinstance(result, StudyScore)
+    axial = s.series_of_kind("axial")
+    assert result.series_instance_uid == axial.series_instance_uid
+    # one phase only (16 slices, not 32), sorted feet to head, the non-contrast phase first
+    assert len(result.datasets) == 16
+    z = [float(ds.ImagePositionPatient[2]) for ds in result.datasets]
+    assert z == sorted(z)
+    assert {int(ds.AcquisitionNumber) for ds in result.datasets} == {1}
+    assert {"select", "load", "transforms", "fusion", "cbam", "aggregate"} <= set(result.timings)
+    build_results(list(result.datasets), result.to_findings(), result_key="job-2")
+
+
+def test_score_study_is_the_same_from_files_or_folder_in_any_order(
+    study: SyntheticStudy, store: ModelStore, pipeline: Pipeline
+) -> None:
+    models = load_models(pipeline, store)
+    files = list(study.files)
+    a = score_study(files[::-1], pipeline, models)
+    b = score_study(study.files[0].parent, pipeline, models)
+    assert isinstance(a, StudyScore) and isinstance(b, StudyScore)
+    assert a.fusion_slice_probabilities == b.fusion_slice_probabilities
+    assert a.fusion_probability == b.fusion_probability
+    assert a.key_slice_index == b.key_slice_index
+
+
+def test_score_study_skips_with_the_reason(
+    tmp_path: Path, store: ModelStore, pipeline: Pipeline
+) -> None:
+    s = generate_study(tmp_path / "s", seed=3, slices=4, size=32, extra_series=("localizer",))
+    only_localizer = s.series_of_kind("localizer").paths
+    models = load_models(pipeline, store)
+    skip = score_study(list(only_localizer), pipeline, models)
+    assert isinstance(skip, Skip) and skip.reason.startswith("no eligible series")
+    assert "LOCALIZER" in skip.reason.upper()
+    # no live model: skipped before any file is read
+    empty = load_models(pipeline, ModelStore(tmp_path / "empty"))
+    skip = score_study(list(s.files), pipeline, empty)
+    assert isinstance(skip, Skip) and skip.reason.startswith("no model")
+
+
+def test_score_study_without_lung_is_skipped(
+    tmp_path: Path, store: ModelStore, pipeline: Pipeline
+) -> None:
+    s = generate_study(tmp_path, seed=4, slices=3, size=32)
+    # keep the series but make it a head-like object: dense everywhere, no air inside
+    for path in s.files:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = np.full((ds.Rows, ds.Columns), 1064, dtype=np.uint16).tobytes()
+        ds.save_as(path)
+    skip = score_study(s.files, pipeline, load_models(pipeline, store))
+    assert isinstance(skip, Skip) and skip.reason.startswith("no lung")
+
+
+def test_a_promoted_version_scores_the_next_study(
+    tmp_path: Path, study: SyntheticStudy, tiny: Any
+) -> None:
+    store = ModelStore(tmp_path)
+    pipeline = tiny.pipeline(models=[{"role": "fusion", "name": "fusion", "batch_size": 4}])
+    tiny.register_fusion(store, seed=0)
+    models = load_models(pipeline, store)
+    first = score_study(study.files, pipeline, models)
+    v2 = tiny.register_fusion(store, seed=1, promote=False)
+    store.promote("fusion", v2.version)
+    models = load_models(pipeline, store, previous=models)
+    second = score_study(study.files, pipeline, models)
+    assert isinstance(first, StudyScore) and isinstance(second, StudyScore)
+    assert (first.model.version, second.model.version) == ("v1", "v2")
+    assert first.fusion_slice_probabilities != second.fusion_slice_probabilities
+    assert second.cbam_model is None and second.cbam_probability is None
+    build_results(list(second.datasets), second.to_findings(), result_key="job-3")

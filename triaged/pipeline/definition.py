@@ -41,7 +41,7 @@ class SeriesSection(_Section):
     max_axial_deviation_deg: float = Field(default=15.0, ge=0.0, le=90.0)
     min_slices: int = Field(default=1, ge=1)
     exclude_image_types: list[str] = Field(
-        default_factory=lambda: ["LOCALIZER", "SCOUT", "PROJECTION IMAGE"]
+        default_factory=lambda: ["LOCALIZER", "DERIVED", "SECONDARY"]
     )
     preference: Literal["most_slices", "thinnest"] = "most_slices"
 

@@ -27,11 +27,17 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import torch
 from monai.transforms import MapTransform
 
 from triaged.dicom.results import ModelInfo, StudyFindings
 from triaged.nets.explain import fusion_cam
-from triaged.nets.inference import inference_context, predict_cnn, predict_fusion
+from triaged.nets.inference import (
+    inference_context,
+    predict_cnn,
+    predict_fusion,
+    wants_channels_last,
+)
 from triaged.pipeline import transforms as T
 from triaged.pipeline.aggregate import aggregate
 from triaged.pipeline.definition import Pipeline
@@ -237,8 +243,11 @@ def score_prepared(
         prio = prioritise(study_p, pipeline.priority, req)
 
     with clock.stage("explain"):
+        top_x = x[top].to(fusion.device)
+        if fusion.entry.fast and wants_channels_last(fusion.module):
+            top_x = top_x.contiguous(memory_format=torch.channels_last)
         with inference_context(fusion.device, fusion.entry.fast):
-            cams = fusion_cam(fusion.module, x[top].to(fusion.device))  # type: ignore[arg-type]
+            cams = fusion_cam(fusion.module, top_x)  # type: ignore[arg-type]
         assert out.explanation is not None
         heat = np.clip(T.to_source(cams, geometry, "bilinear"), 0.0, 1.0).astype(np.float32)
         masks = T.to_source(out.explanation.infection_mask[top], geometry, "nearest")
@@ -298,7 +307,7 @@ def score_study(
         try:
             choice = choose_series(sources, pipeline.series)
         except NoEligibleSeries as exc:
-            return Skip(f"no eligible series: {exc}")
+            return Skip(str(exc))
     with clock.stage("load"):
         data: dict[Hashable, Any] = T.LoadVolumed(loader=load_series)({T.SERIES: choice})
     with clock.stage("transforms"):
