@@ -98,7 +98,9 @@ class WorkerSettings(_Section):
     in_process: int = Field(default=1, ge=0, description="workers that `serve` runs itself")
     lease_seconds: float = Field(default=300.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0)
-    torch_threads: int = Field(default=0, ge=0, description="0 = torch default")
+    # one thread per worker: on 2 cores two threads per process collapse under contention,
+    # and the SCP and the web page keep the other core (docs/nets.md)
+    torch_threads: int = Field(default=1, ge=0, description="0 = torch default")
 
 
 class WebUser(_Section):

@@ -26,7 +26,7 @@ from triaged.dicom.results import build_results, render_key_slice, window_to_uin
 from triaged.pipeline.definition import Pipeline, load_pipeline
 from triaged.pipeline.models import LoadedModels, load_models
 from triaged.pipeline.scoring import Skip, StudyScore, score_study
-from triaged.registry import ModelStore
+from triaged.registry import ModelStore, RegistryError
 from triaged.worker import ResultFile, Scored, Skipped
 
 log = logging.getLogger("triaged.processing")
@@ -133,6 +133,21 @@ class PipelineProcessor:
         """The models of the last study, if any (for /healthz; never loads)."""
         return self._models
 
+    def live_model(self) -> str | None:
+        """``name:version`` of the fusion model scoring would use now, None if there is none."""
+        entry = self.pipeline.model("fusion")
+        if entry is None:
+            return None
+        try:
+            mv = (
+                self.store.live(entry.name)
+                if entry.version == "live"
+                else self.store.get(entry.name, entry.version)
+            )
+        except RegistryError:
+            return None
+        return mv.ref if mv is not None else None
+
     def models(self) -> LoadedModels:
         with self._lock:
             self._models = load_models(
@@ -173,6 +188,10 @@ def processor_for(settings: Settings) -> PipelineProcessor | None:
         return None
     if len(settings.pipelines) > 1:
         log.warning("several pipelines configured; using %s", settings.pipelines[0])
+    if settings.worker.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.worker.torch_threads)
     pipeline = load_pipeline(settings.pipelines[0])
     root = pipeline.model_store or settings.models.store
     device = None if settings.models.device == "auto" else settings.models.device

@@ -103,19 +103,21 @@ class Service:
         log.info("triaged ready")
 
     def status(self) -> dict[str, object]:
-        """What /healthz and /metrics report about this process."""
-        live: str | None = None
-        models = getattr(self.processor, "loaded", None)  # a PipelineProcessor's models
-        fusion = models.fusion if models is not None else None
-        if fusion is not None:
-            live = fusion.version.ref
-        return {
+        """What /healthz and /metrics report about this process.
+
+        ``live_model`` is only reported by a process that scores (it runs workers): it is
+        the live version in the store of the pipeline's fusion model, loaded or not yet.
+        """
+        status: dict[str, object] = {
             "scp_listening": self.scp.listening,
             "scheduler_running": bool(self.scheduler.running),
             "spool_free_mb": self.spool.free_bytes() // (1024 * 1024),
             "min_free_mb": self.settings.storage.min_free_mb,
-            "live_model": live,
         }
+        live_model = getattr(self.processor, "live_model", None)
+        if self.workers and callable(live_model):
+            status["live_model"] = live_model()
+        return status
 
     def echo(self, destination: str) -> tuple[bool, str]:
         dest = next((d for d in self.settings.destinations if d.name == destination), None)
