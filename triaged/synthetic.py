@@ -470,7 +470,7 @@ def _patient_study(ds: Dataset, info: _StudyInfo) -> None:
     ds.AccessionNumber = info.accession
     ds.StudyDescription = "SYNTHETIC CHEST CT PHANTOM"
     ds.PatientAge = "050Y"
-    ds.Manufacturer = "triaged"
+    ds.Manufacturer = "SYNTHETIC PHANTOM (triaged test data)"
     ds.InstitutionName = "SYNTHETIC"
     ds.ManufacturerModelName = "synthetic chest phantom"
     ds.SoftwareVersions = "triaged.synthetic 1"
