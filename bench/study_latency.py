@@ -9,6 +9,19 @@ SEG with ``triaged.dicom.results.build_results``. Printed: the median seconds pe
 load, transforms, fusion, cbam, explain, aggregate, results) and the whole path; the target is
 under 20 s on 2 cores. BatchNorm statistics are calibrated on phantom slices first, so
 activations (and hence heat-map and infection crops) look like a trained network's.
+
+Measured (2 vCPUs shared with other jobs, load average 4-7; medians of 2 runs, seconds):
+
+=========  ======  ====  ==========  ======  ====  =======  =======  =====
+threads    select  load  transforms  fusion  cbam  explain  results  total
+=========  ======  ====  ==========  ======  ====  =======  =======  =====
+1          0.39    0.63  0.17        7.18    0.27  0.69     0.21     9.6
+2          0.39    0.51  0.64        38.9    0.93  6.09     0.27     47.8
+=========  ======  ====  ==========  ======  ====  =======  =======  =====
+
+On an oversubscribed machine two torch threads are 5x *slower* than one (each OpenMP region
+waits for its descheduled partner); on an idle machine two threads should win. Measure with
+``--threads`` where the daemon runs and set ``[worker] torch_threads`` accordingly.
 """
 
 from __future__ import annotations

@@ -140,6 +140,7 @@ def test_score_study_picks_the_axial_series_among_localizer_thick_and_phases(
     assert isinstance(result, StudyScore)
     axial = s.series_of_kind("axial")
     assert result.series_instance_uid == axial.series_instance_uid
+    assert "16 slices" in result.series_reason and "rejected" in result.series_reason
     # one phase only (16 slices, not 32), sorted feet to head, the non-contrast phase first
     assert len(result.datasets) == 16
     z = [float(ds.ImagePositionPatient[2]) for ds in result.datasets]

@@ -43,6 +43,7 @@ from triaged.pipeline.aggregate import aggregate
 from triaged.pipeline.definition import Pipeline
 from triaged.pipeline.models import LoadedModel, LoadedModels
 from triaged.pipeline.priority import prioritise, requested_priority
+from triaged.pipeline.selection import NoEligibleSeries, choose_series, load_series
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class StudyScore:
     cbam_model: ModelInfo | None
     outputs: tuple[str, ...]
     timings: dict[str, float]
+    series_reason: str = ""
 
     def to_findings(self) -> StudyFindings:
         """The input of ``triaged.dicom.results.build_results`` (masks only when SEG is on)."""
@@ -108,6 +110,7 @@ class StudyScore:
             "pipeline": self.pipeline,
             "study_instance_uid": self.study_instance_uid,
             "series_instance_uid": self.series_instance_uid,
+            "series_reason": self.series_reason,
             "fusion_probability": self.fusion_probability,
             "cbam_probability": self.cbam_probability,
             "threshold": self.threshold,
@@ -248,7 +251,8 @@ def score_prepared(
             top_x = top_x.contiguous(memory_format=torch.channels_last)
         with inference_context(fusion.device, fusion.entry.fast):
             cams = fusion_cam(fusion.module, top_x)  # type: ignore[arg-type]
-        assert out.explanation is not None
+        if out.explanation is None:  # predict_fusion(explain=True) always gives one
+            raise RuntimeError("the fusion model returned no explanation")
         heat = np.clip(T.to_source(cams, geometry, "bilinear"), 0.0, 1.0).astype(np.float32)
         masks = T.to_source(out.explanation.infection_mask[top], geometry, "nearest")
         top_source = [int(indices[t]) for t in top]
@@ -282,6 +286,7 @@ def score_prepared(
         cbam_model=cbam.info if cbam is not None else None,
         outputs=outputs,
         timings=dict(clock.timings),
+        series_reason=str(getattr(data.get(T.SERIES), "reason", "")),
     )
 
 
@@ -297,8 +302,6 @@ def score_study(
     Selects the series by the pipeline's ``[series]`` rules, builds its HU volume, prepares
     the slices and scores them; returns a :class:`Skip` with the reason when it cannot.
     """
-    from triaged.pipeline.selection import NoEligibleSeries, choose_series, load_series
-
     clock = _Clock()
     fusion = _require_models(models)
     if isinstance(fusion, Skip):
