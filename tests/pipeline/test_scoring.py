@@ -208,3 +208,17 @@ def test_a_promoted_version_scores_the_next_study(
     assert first.fusion_slice_probabilities != second.fusion_slice_probabilities
     assert second.cbam_model is None and second.cbam_probability is None
     build_results(list(second.datasets), second.to_findings(), result_key="job-3")
+
+
+def test_a_single_slice_series_of_odd_size_is_scored(
+    tmp_path: Path, store: ModelStore, pipeline: Pipeline
+) -> None:
+    s = generate_study(tmp_path, seed=6, positive=True, slices=5, size=45)
+    middle = s.series_of_kind("axial").paths[2]  # the series as a PACS may send one key slice
+    result = score_study([middle], pipeline, load_models(pipeline, store))
+    assert isinstance(result, StudyScore)
+    assert result.slice_indices == (0,) and result.key_slice_index == 0
+    assert result.heatmaps[0].shape == (45, 45) and result.infected_masks[0].shape == (45, 45)
+    # mean of the top 3 of one slice is that slice
+    assert result.fusion_probability == result.fusion_slice_probabilities[0]
+    build_results(list(result.datasets), result.to_findings(), result_key="job-4")
