@@ -427,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from triaged.dicom.spool import SpoolError
+    from triaged.pipeline.definition import PipelineError
+    from triaged.pipeline.models import ModelMismatchError
     from triaged.worklist.db import DatabaseError
 
     return (
@@ -434,6 +436,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         UserError,
         DatabaseError,
         SpoolError,
+        PipelineError,
+        ModelMismatchError,
         FileNotFoundError,
         PermissionError,
         IsADirectoryError,
