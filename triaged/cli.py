@@ -39,7 +39,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("pynetdicom", "apscheduler", "alembic", "uvicorn.access", "httpx"):
+    for noisy in ("pynetdicom", "apscheduler", "alembic", "uvicorn.access", "httpx", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -336,10 +336,13 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 # -- demo ----------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from triaged.demo import run_demo
+    from triaged.demo import QUICK, DemoSize, run_demo
 
     _setup_logging("WARNING")
-    return run_demo(Path(args.workdir), studies=args.studies, slices=args.slices, size=args.size)
+    size = QUICK if args.quick else DemoSize()
+    if args.studies:
+        size = DemoSize(**{**size.__dict__, "studies": args.studies})
+    return run_demo(Path(args.workdir), size, keep_running=args.keep_running, fresh=args.fresh)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -418,9 +421,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end-to-end demo on synthetic studies (not for clinical use)")
     p.add_argument("--workdir", default="demo", help="folder for everything the demo makes")
-    p.add_argument("--studies", type=int, default=4)
-    p.add_argument("--slices", type=int, default=32)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--studies", type=int, default=0, help="how many studies (default 6)")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer, smaller studies and a smaller model"
+    )
+    p.add_argument("--fresh", action="store_true", help="start from an empty work folder")
+    p.add_argument(
+        "--keep-running",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the daemon and web page up at the end (default: on a terminal)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -65,7 +65,9 @@ def deliver_due(engine: Engine, settings: Settings) -> int:
                 )
                 delivered += ok
                 studies.add(d.study_id)
-                if not ok:
+                if ok:
+                    log.info("delivery %d of %s to %s: %s", d.id, Path(d.path).name, name, detail)
+                else:
                     log.warning(
                         "delivery %d of %s to %s: %s (%s)",
                         d.id,

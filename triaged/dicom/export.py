@@ -117,7 +117,11 @@ def send(
             if not assoc.is_established:
                 results.append(SendResult(path, Outcome.RETRY, "association lost"))
                 continue
-            status = assoc.send_c_store(path)
+            try:
+                status = assoc.send_c_store(path)
+            except Exception as err:  # a broken peer must not lose the other outcomes
+                results.append(SendResult(path, Outcome.RETRY, f"send failed: {err}"))
+                continue
             code = getattr(status, "Status", None)
             if code is None:
                 results.append(SendResult(path, Outcome.RETRY, "no response (timeout or abort)"))
@@ -130,7 +134,8 @@ def send(
                 )
     finally:
         if assoc.is_established:
-            assoc.release()
+            with contextlib.suppress(Exception):
+                assoc.release()
     return results
 
 
