@@ -124,6 +124,17 @@ def test_claims_are_exclusive_and_leases_expire(engine: sa.Engine) -> None:
         t.join()
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 6
     assert jobs.claim(engine, "late", 60) is None
+    # a job given back (its worker could not start it) is claimable again at once
+    assert (
+        jobs.release(engine, claimed[0], "w0")
+        or jobs.release(engine, claimed[0], "w1")
+        or jobs.release(engine, claimed[0], "w2")
+        or jobs.release(engine, claimed[0], "w3")
+    )
+    again = jobs.claim(engine, "late", 60)
+    assert again is not None and again.id == claimed[0]
+    with Session(engine) as s, s.begin():
+        jobs.finish(s, again.id, JobState.DONE)
     # a lease that is not renewed expires and the job can be taken by another worker
     later = utcnow() + timedelta(seconds=61)
     stolen = jobs.claim(engine, "rescuer", 60, now=later)

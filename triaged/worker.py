@@ -117,11 +117,17 @@ class Worker:
         job = jobs.claim(self.engine, self.name, self.settings.worker.lease_seconds)
         if job is None:
             return False
-        with Session(self.engine) as s, s.begin():
-            study = s.get(Study, job.study_id)
-            assert study is not None
-            set_state(s, study, StudyState.SCORING, None)
-            paths = [Path(i.path) for i in study_files(s, job.study_instance_uid)]
+        try:
+            with Session(self.engine) as s, s.begin():
+                study = s.get(Study, job.study_id)
+                if study is None:
+                    raise LookupError(f"study {job.study_id} vanished")
+                set_state(s, study, StudyState.SCORING, None)
+                paths = [Path(i.path) for i in study_files(s, job.study_instance_uid)]
+        except Exception:
+            log.exception("cannot start job %d; it goes back to the queue", job.id)
+            jobs.release(self.engine, job.id, self.name)
+            return False
         done, lost = threading.Event(), threading.Event()
         keeper = threading.Thread(
             target=self._keep_lease, args=(job.id, done, lost), daemon=True, name="lease"

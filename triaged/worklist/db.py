@@ -53,8 +53,10 @@ def make_engine(url: str) -> Engine:
             url, connect_args={"timeout": SQLITE_BUSY_MS / 1000, "check_same_thread": False}
         )
         event.listen(engine, "connect", _sqlite_pragmas)
-        # pysqlite's own transaction handling defers BEGIN; emit it ourselves so that
-        # BEGIN IMMEDIATE can serialise writers (the job queue relies on it).
+        # pysqlite's own transaction handling defers BEGIN; emit BEGIN IMMEDIATE ourselves.
+        # A deferred transaction that reads and then writes fails at once with "database is
+        # locked" (SQLITE_BUSY_SNAPSHOT, no busy wait) when another connection committed in
+        # between; taking the write lock up front makes every writer wait its turn instead.
         event.listen(engine, "connect", _no_pysqlite_begin)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
@@ -66,7 +68,7 @@ def _no_pysqlite_begin(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Any) -> None:
-    mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+    mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 

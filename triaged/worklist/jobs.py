@@ -79,6 +79,17 @@ def renew(engine: Engine, job_id: int, owner: str, lease_seconds: float) -> bool
         return bool(res.rowcount)
 
 
+def release(engine: Engine, job_id: int, owner: str) -> bool:
+    """Give a job back to the queue (the worker could not start it)."""
+    with _session(engine) as s, s.begin():
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING)
+            .values(state=JobState.QUEUED, lease_owner=None, lease_expires_at=None)
+        )
+        return bool(res.rowcount)
+
+
 def still_owned(session: Session, job_id: int, owner: str) -> bool:
     """Inside the worker's final transaction: is the job still ours (lock it on PostgreSQL)?"""
     job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
