@@ -246,9 +246,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 live = store.live(name)
                 for v in store.list(name):
                     mark = "*" if live is not None and live.version == v.version else " "
-                    metrics = ", ".join(
-                        f"{k}={v2:.3f}" for k, v2 in v.card.metrics.items() if isinstance(v2, float)
-                    )
+                    metrics = _card_summary(v.card.metrics)
                     print(f"{mark} {v.ref:<28} {v.card.created:%Y-%m-%d %H:%M}  {metrics}")
         elif args.action == "show":
             name, _, version = args.ref.partition(":")
@@ -275,6 +273,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     except RegistryError as err:
         raise UserError(str(err)) from None
     return 0
+
+
+def _card_summary(metrics: dict[str, object]) -> str:
+    """The headline validation figures of a card (``val`` block, or flat floats)."""
+    block = metrics.get("val", metrics)
+    if not isinstance(block, dict):
+        return ""
+    keys = ("auc", "accuracy", "f1", "dice")
+    return "  ".join(
+        f"val {k} {block[k]:.3f}" for k in keys if isinstance(block.get(k), (int, float))
+    )
 
 
 # -- retrain -----------------------------------------------------------------------------------

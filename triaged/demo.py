@@ -42,12 +42,12 @@ class DemoSize:
     studies: int = 6
     slices: int = 40
     size: int = 128
-    train_slices: int = 320
+    train_slices: int = 400
     input_size: int = 64
-    epochs: int = 3
+    epochs: int = 10
 
 
-QUICK = DemoSize(studies=4, slices=24, size=96, train_slices=160, input_size=48, epochs=2)
+QUICK = DemoSize(studies=4, slices=24, size=96, train_slices=240, input_size=48, epochs=6)
 
 
 def _step(n: int, total: int, msg: str) -> None:
