@@ -470,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `triaged worklist | head`
+        sys.stderr.close()
+        return 0
     except Exception as err:
         if isinstance(err, _user_errors()):
             print(f"triaged: error: {err}", file=sys.stderr)

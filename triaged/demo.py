@@ -206,6 +206,11 @@ def run_demo(
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    # a second run keeps the trained model (models/, runs/) and starts the rest afresh
+    for leftover in ("spool", "results", "pacs", "studies"):
+        shutil.rmtree(workdir / leftover, ignore_errors=True)
+    for db_file in workdir.glob("worklist.db*"):
+        db_file.unlink()
     logging.getLogger("triaged").setLevel(logging.WARNING)
 
     _step(
