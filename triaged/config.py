@@ -176,14 +176,28 @@ def _env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, An
     return raw
 
 
-def _describe(err: ValidationError) -> str:
+def describe_validation_error(err: ValidationError) -> str:
+    """One line naming the offending key, for config and pipeline files alike."""
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
+    msg = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"unknown key '{where}'"
     if first["type"] == "missing":
         return f"missing key '{where}'"
-    return f"invalid value for '{where}': {first['msg']}"
+    if not where:
+        return msg
+    return f"invalid value for '{where}': {msg}"
+
+
+def read_toml(path: Path, error: type[Exception], what: str = "file") -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file raises ``error`` with one line."""
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid TOML: {err}") from None
 
 
 def _resolve(path: Path, base: Path) -> Path:
@@ -245,7 +259,7 @@ def from_dict(raw: dict[str, Any], base: Path, environ: dict[str, str] | None = 
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_describe(err)) from None
+        raise ConfigError(describe_validation_error(err)) from None
     return _with_paths(settings, base)
 
 
@@ -254,12 +268,7 @@ def load(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = N
     if path is None:
         return from_dict({}, Path.cwd(), environ)
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{p}: not valid TOML: {err}") from None
+    raw = read_toml(p, ConfigError, "config file")
     try:
         settings = from_dict(raw, p.resolve().parent, environ)
     except ConfigError as err:

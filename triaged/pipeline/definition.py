@@ -14,12 +14,12 @@ ignored setting. Relative paths are resolved against the pipeline file's folder.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from triaged.config import describe_validation_error, read_toml
 from triaged.training.preprocess import LUNG_WINDOW
 
 RequestedPriority = Literal["STAT", "HIGH", "ROUTINE", "MEDIUM", "LOW"]
@@ -190,18 +190,6 @@ class Pipeline(_Section):
         return f"{self.name}:{self.version}"
 
 
-def _describe(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
-        return f"unknown key '{where}'"
-    if first["type"] == "missing":
-        return f"missing key '{where}'"
-    if not where:
-        return str(first["msg"]).removeprefix("Value error, ")
-    return f"invalid value for '{where}': {str(first['msg']).removeprefix('Value error, ')}"
-
-
 def from_dict(raw: dict[str, object], base: Path | None = None) -> Pipeline:
     """Validate a parsed pipeline; relative paths are anchored at ``base`` when given."""
     data = dict(raw)
@@ -209,7 +197,7 @@ def from_dict(raw: dict[str, object], base: Path | None = None) -> Pipeline:
     try:
         pipeline = Pipeline.model_validate(data)
     except ValidationError as err:
-        raise PipelineError(_describe(err)) from None
+        raise PipelineError(describe_validation_error(err)) from None
     if base is not None and pipeline.model_store is not None:
         store = pipeline.model_store
         if not store.is_absolute():
@@ -220,12 +208,7 @@ def from_dict(raw: dict[str, object], base: Path | None = None) -> Pipeline:
 def load_pipeline(path: str | Path) -> Pipeline:
     """Read and validate one pipeline file; errors are one line naming the file and the key."""
     p = Path(path)
-    if not p.is_file():
-        raise PipelineError(f"pipeline file not found: {p}")
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise PipelineError(f"{p}: not valid TOML: {err}") from None
+    raw = read_toml(p, PipelineError, "pipeline file")
     try:
         pipeline = from_dict(raw, p.resolve().parent)
     except PipelineError as err:
