@@ -78,6 +78,82 @@ def register_models(store: ModelStore) -> None:
     store.promote("cbam-cnn", mv.version)
 
 
+def daemon_latency(
+    root: Path, study_dir: Path, store_dir: Path, pipeline: Path, threads: int
+) -> None:
+    """The daemon's own path: completion -> scoring -> SR/SC/SEG -> accepted by a PACS.
+
+    Starts ``Service`` (SCP, scheduler, one in-process worker) on SQLite with the demo's
+    storage SCP as the destination, pushes the study over DICOM and reads the recorded
+    times: ``completed_at`` (the quiet period has passed after the last instance) to the
+    last delivery's ``delivered_at``, with the worker's per-stage timings.
+    """
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from triaged.config import from_dict
+    from triaged.demo import ResultReceiver, _free_port, push
+    from triaged.service import Service
+    from triaged.synthetic import SyntheticSeries, SyntheticStudy
+    from triaged.worklist.models import Delivery, Result, Study
+
+    pacs_port = _free_port()
+    receiver = ResultReceiver(root / "pacs", pacs_port)
+    settings = from_dict(
+        {
+            "pipelines": [str(pipeline)],
+            "dicom": {"port": _free_port()},
+            "storage": {"spool_dir": "spool", "results_dir": "results", "min_free_mb": 64},
+            "database": {"url": "sqlite:///bench.db"},
+            "assembly": {"quiet_seconds": 2, "sweep_seconds": 0.25},
+            "destinations": [
+                {"name": "pacs", "ae_title": "DEMO_PACS", "host": "127.0.0.1", "port": pacs_port}
+            ],
+            "worker": {"in_process": 1, "poll_seconds": 0.1, "torch_threads": threads},
+            "web": {"enabled": False},
+            "models": {"store": str(store_dir)},
+        },
+        root,
+        environ={},
+    )
+    service = Service(settings)
+    service.start()
+    try:
+        files = tuple(sorted(study_dir.rglob("*.dcm")))
+        fake = SyntheticStudy(
+            "", "", "", True, (SyntheticSeries("", "axial", "", files),), None, None
+        )  # type: ignore[arg-type]
+        t0 = time.perf_counter()
+        push(fake, settings.dicom.port, settings.dicom.ae_title)
+        print(f"\ndaemon: {len(files)} instances pushed in {time.perf_counter() - t0:.1f} s")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            with Session(service.engine) as s:
+                state = s.scalar(select(Study.state))
+            if state in ("DELIVERED", "FAILED", "SKIPPED"):
+                break
+            time.sleep(0.2)
+        with Session(service.engine) as s:
+            study = s.scalars(select(Study)).one()
+            result = s.scalars(select(Result)).one()
+            last = max(d.delivered_at for d in s.scalars(select(Delivery)) if d.delivered_at)
+        assert study.completed_at is not None and study.scored_at is not None
+        print(
+            f"daemon: state {study.state}; from completion (quiet period over) to the last "
+            f"object accepted by the PACS: {(last - study.completed_at).total_seconds():.1f} s"
+        )
+        for key, value in result.timings.items():
+            print(f"  {key:<11} {value:7.2f}")
+        print(
+            f"  {'queue+send':<11} "
+            f"{(last - study.completed_at).total_seconds() - result.timings['total']:7.2f}"
+            "   (claim after completion, commit, C-STORE of SR/SC/SEG)"
+        )
+    finally:
+        service.stop()
+        receiver.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
@@ -85,6 +161,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--pipeline", type=Path, default=REPO / "pipelines" / "covid-ct.toml")
+    parser.add_argument(
+        "--no-daemon",
+        action="store_true",
+        help="skip the end-to-end run through the daemon and a PACS",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,8 +173,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="triaged-bench-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        study = generate_study(root / "study", seed=7, positive=True, slices=args.slices,
-                               size=args.size, extra_series=("localizer",))
+        study = generate_study(
+            root / "study",
+            seed=7,
+            positive=True,
+            slices=args.slices,
+            size=args.size,
+            extra_series=("localizer",),
+        )
         t_gen = time.perf_counter() - t0
         store = ModelStore(root / "models")
         t0 = time.perf_counter()
@@ -104,11 +191,15 @@ def main() -> None:
         models = load_models(pipeline, store)
         t_load = time.perf_counter() - t0
 
-        print(f"study: {len(study.files)} files, {args.slices} x {args.size}x{args.size} "
-              f"(generated in {t_gen:.1f} s); models registered in {t_reg:.1f} s, "
-              f"loaded in {t_load:.1f} s; torch threads {torch.get_num_threads()}")
-        print(f"pipeline {pipeline.ref}: {pipeline.preprocess.slices} slices, fusion batch "
-              f"{pipeline.models[0].batch_size}, fast mode {pipeline.models[0].fast}")
+        print(
+            f"study: {len(study.files)} files, {args.slices} x {args.size}x{args.size} "
+            f"(generated in {t_gen:.1f} s); models registered in {t_reg:.1f} s, "
+            f"loaded in {t_load:.1f} s; torch threads {torch.get_num_threads()}"
+        )
+        print(
+            f"pipeline {pipeline.ref}: {pipeline.preprocess.slices} slices, fusion batch "
+            f"{pipeline.models[0].batch_size}, fast mode {pipeline.models[0].fast}"
+        )
         runs: list[dict[str, float]] = []
         for n in range(args.repeat):
             start = time.perf_counter()
@@ -116,18 +207,26 @@ def main() -> None:
             if not isinstance(result, StudyScore):
                 raise SystemExit(f"study skipped: {result.reason}")
             t1 = time.perf_counter()
-            objects = build_results(list(result.datasets), result.to_findings(),
-                                    result_key=f"bench-{n}")
+            objects = build_results(
+                list(result.datasets), result.to_findings(), result_key=f"bench-{n}"
+            )
             t_results = time.perf_counter() - t1
-            timings = {**{k: result.timings.get(k, 0.0) for k in STAGES},
-                       "results": t_results, "total": time.perf_counter() - start}
+            timings = {
+                **{k: result.timings.get(k, 0.0) for k in STAGES},
+                "results": t_results,
+                "total": time.perf_counter() - start,
+            }
             runs.append(timings)
             stages = "  ".join(f"{k} {v:.2f}" for k, v in timings.items())
-            print(f"run {n + 1}: {stages}  ({len(objects.datasets())} result objects, "
-                  f"p={result.fusion_probability:.3f})")
+            print(
+                f"run {n + 1}: {stages}  ({len(objects.datasets())} result objects, "
+                f"p={result.fusion_probability:.3f})"
+            )
         print("\nmedian seconds per stage")
         for key in (*STAGES, "results", "total"):
             print(f"  {key:<11} {statistics.median(r[key] for r in runs):7.2f}")
+        if not args.no_daemon:
+            daemon_latency(root, root / "study", root / "models", args.pipeline, args.threads or 1)
 
 
 if __name__ == "__main__":

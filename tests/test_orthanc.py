@@ -24,6 +24,7 @@ import pydicom
 import pytest
 
 from tests.conftest import REPO, Daemon, free_port, storescu, write_config
+from tests.pipeline.conftest import TEST_PIPELINE as PIPELINE
 from tests.pipeline.conftest import register_cbam, register_fusion
 from triaged.registry import ModelStore
 from triaged.synthetic import generate_study
@@ -37,16 +38,6 @@ SOP_SC = "1.2.840.10008.5.1.4.1.1.7"
 SOP_SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COVID_19 = "840539006"
 T = TypeVar("T")
-PIPELINE = {
-    "name": "test-ct",
-    "version": "1",
-    "preprocess": {"slices": 8},
-    "models": [
-        {"role": "fusion", "name": "fusion", "batch_size": 4},
-        {"role": "cbam", "name": "cbam-cnn", "batch_size": 4},
-    ],
-    "outputs": {"top_slices": 2},
-}
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.3) -> T:

@@ -18,20 +18,10 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import DCMTK_ENV, free_port, storescu, write_config
+from tests.pipeline.conftest import TEST_PIPELINE as PIPELINE
 from tests.pipeline.conftest import register_cbam, register_fusion
 from triaged.registry import ModelStore
 from triaged.synthetic import generate_study
-
-PIPELINE = {
-    "name": "test-ct",
-    "version": "1",
-    "preprocess": {"slices": 8},
-    "models": [
-        {"role": "fusion", "name": "fusion", "batch_size": 4},
-        {"role": "cbam", "name": "cbam-cnn", "batch_size": 4},
-    ],
-    "outputs": {"top_slices": 2},
-}
 
 
 @pytest.fixture(scope="module")

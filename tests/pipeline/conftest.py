@@ -62,8 +62,9 @@ def tiny_fusion(seed: int) -> FusionNet:
 
 def register_fusion(store: ModelStore, seed: int, promote: bool = True) -> ModelVersion:
     net = tiny_fusion(seed)
-    mv = store.register("fusion", net.state_dict(), _card(
-        Architecture(name="fusion", params=asdict(net.config))))
+    mv = store.register(
+        "fusion", net.state_dict(), _card(Architecture(name="fusion", params=asdict(net.config)))
+    )
     if promote:
         store.promote("fusion", mv.version)
     return mv
@@ -90,19 +91,22 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     return s
 
 
+#: A pipeline like the shipped one, small: 8 slices, top 2, batch 4 (also the end-to-end tests').
+TEST_PIPELINE: dict[str, object] = {
+    "name": "test-ct",
+    "version": "1",
+    "preprocess": {"slices": 8},
+    "models": [
+        {"role": "fusion", "name": "fusion", "batch_size": 4},
+        {"role": "cbam", "name": "cbam-cnn", "batch_size": 4},
+    ],
+    "outputs": {"top_slices": 2},
+}
+
+
 def make_pipeline(**sections: object) -> Pipeline:
-    """A pipeline like the shipped one, small: 8 slices, top 2, batch 4."""
-    raw: dict[str, object] = {
-        "name": "test-ct",
-        "version": "1",
-        "preprocess": {"slices": 8},
-        "models": [
-            {"role": "fusion", "name": "fusion", "batch_size": 4},
-            {"role": "cbam", "name": "cbam-cnn", "batch_size": 4},
-        ],
-        "outputs": {"top_slices": 2},
-    }
-    raw.update(sections)
+    """:data:`TEST_PIPELINE`, with ``sections`` replaced."""
+    raw = {**TEST_PIPELINE, **sections}
     return from_dict(raw, Path.cwd())
 
 
