@@ -213,9 +213,21 @@ def test_kill_while_scoring_then_scored_and_delivered_once(
     assert len(uids) == len(set(uids)) >= 2
 
 
-def test_two_workers_on_postgresql_score_each_study_once(
+def _running_job_owner(url: str) -> str | None:
+    eng = sa.create_engine(url)
+    try:
+        with eng.connect() as c:
+            return c.execute(
+                sa.text("SELECT lease_owner FROM jobs WHERE state = 'RUNNING' LIMIT 1")
+            ).scalar()
+    finally:
+        eng.dispose()
+
+
+def test_two_workers_on_postgresql_one_killed_each_study_scored_once(
     make_daemon, pacs_factory, pipeline_file, tmp_path
 ) -> None:
+    """Two `triaged worker` processes share one PostgreSQL; one is killed mid-study."""
     from tests.conftest import _pg_database
 
     gen = _pg_database("workers")
@@ -223,34 +235,54 @@ def test_two_workers_on_postgresql_score_each_study_once(
     try:
         pacs = pacs_factory()
         d = scoring_daemon(make_daemon, pipeline_file, pacs.port, url, in_process=0).start()
-        workers = [
-            subprocess.Popen(
-                [sys.executable, "-m", "triaged.cli", "worker", "--config", str(d.config)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+        workers = {
+            w.pid: w
+            for w in (
+                subprocess.Popen(
+                    [sys.executable, "-m", "triaged.cli", "worker", "--config", str(d.config)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for _ in range(2)
             )
-            for _ in range(2)
-        ]
+        }
         try:
             studies = [
                 generate_study(
-                    tmp_path / f"s{i}", seed=30 + i, positive=i % 2 == 0, slices=12, size=64
+                    tmp_path / f"s{i}", seed=30 + i, positive=i % 2 == 0, slices=32, size=128
                 )
                 for i in range(4)
             ]
             for s in studies:
                 storescu(d.port, *s.files)
+            deadline = time.monotonic() + 120
+            killed = None
+            while killed is None and time.monotonic() < deadline:
+                owner = _running_job_owner(url)
+                pid = int(owner.split(":")[1]) if owner else None
+                if pid in workers:
+                    workers[pid].kill()
+                    workers[pid].wait(10)
+                    killed = pid
+                time.sleep(0.05)
+            assert killed is not None, "no worker was caught scoring"
             d.wait_state("DELIVERED", n=4, timeout=240)
         finally:
-            for w in workers:
-                w.terminate()
-                w.wait(20)
+            for w in workers.values():
+                if w.poll() is None:
+                    w.terminate()
+                    w.wait(20)
         res = results(url)
         assert sorted(r["study_instance_uid"] for r in res) == sorted(
             s.study_instance_uid for s in studies
         )
+        eng = sa.create_engine(url)
+        with eng.connect() as c:
+            retried = c.execute(sa.text("SELECT count(*) FROM jobs WHERE attempts > 1")).scalar()
+        eng.dispose()
+        assert retried >= 1  # the killed worker's study was taken again after its lease
         uids = [str(ds.SOPInstanceUID) for ds in pacs.datasets()]
-        assert len(uids) == len(set(uids))
+        assert len(uids) == len(set(uids)) >= 8
     finally:
         d.stop()
         next(gen, None)
