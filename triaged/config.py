@@ -116,6 +116,8 @@ class WebSettings(_Section):
     secret_key: str = ""
     users: list[WebUser] = Field(default_factory=list)
     session_hours: float = Field(default=12.0, gt=0)
+    max_failed_logins: int = Field(default=5, ge=1, description="per user or address")
+    lockout_minutes: float = Field(default=15.0, gt=0)
     open_health: bool = True
     open_metrics: bool = True
     tls: TLSSettings | None = None

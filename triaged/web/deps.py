@@ -18,8 +18,10 @@ from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from triaged.config import Settings
+from triaged.web import queries
 from triaged.web.auth import LoginSession, Principal, Sessions, Users, same_token
 
 if TYPE_CHECKING:
@@ -169,7 +171,15 @@ def basic_principal(request: Request) -> Principal | None:
     name, sep, password = raw.partition(":")
     if not sep:
         return None
-    return ctx(request).users.authenticate(name, password)
+    c = ctx(request)
+    client = client_address(request)
+    if queries.login_throttled(c.engine, c.settings.web, name, client):
+        return None
+    principal = c.users.authenticate(name, password)
+    if principal is None:
+        with Session(c.engine) as s, s.begin():
+            queries.audit(s, name[:64] or None, "login_failed", None, client, "basic")
+    return principal
 
 
 def ops_allowed(request: Request, open_flag: bool) -> None:

@@ -78,6 +78,13 @@ def login(
     if not c.sessions.check_login_nonce(request.cookies.get(LOGIN_COOKIE), csrf_token):
         return _login_form(c, request, target, "The login form expired. Please try again.",
                            403)
+    name, client = username.strip()[:64], client_address(request)
+    if queries.login_throttled(c.engine, c.settings.web, name, client):
+        with Session(c.engine) as s, s.begin():
+            queries.audit(s, name or None, "login_throttled", None, client)
+        minutes = int(c.settings.web.lockout_minutes)
+        return _login_form(c, request, target, "Too many failed logins: try again in "
+                           f"{minutes} minutes.", 429)
     principal = c.users.authenticate(username.strip(), password)
     with Session(c.engine) as s, s.begin():
         queries.audit(s, username.strip()[:64] or None,

@@ -11,13 +11,14 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, select
+from sqlalchemy import Engine, and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from triaged.config import WebSettings
 from triaged.web.schemas import (
     AuditOut,
     DeliveryOut,
@@ -434,6 +435,27 @@ def export_labels(engine: Engine, path: str | os.PathLike[str],
         Path(tmp).unlink(missing_ok=True)
         raise
     return len(export.labels)
+
+
+def failed_logins(session: Session, user: str, client: str | None, minutes: float) -> int:
+    """Failed logins for this user name or from this address in the last ``minutes``.
+
+    Read from the audit log, so every process serving the page sees the same count.
+    """
+    since = utcnow() - timedelta(minutes=minutes)
+    who = AuditEntry.user_name == user
+    if client:
+        who = or_(who, AuditEntry.client == client)
+    return int(session.scalar(
+        select(func.count()).select_from(AuditEntry).where(
+            AuditEntry.action == "login_failed", AuditEntry.at >= since, who)
+    ) or 0)
+
+
+def login_throttled(engine: Engine, web: WebSettings, user: str, client: str | None) -> bool:
+    """True when too many logins failed lately: refuse before even checking the password."""
+    with Session(engine) as s:
+        return failed_logins(s, user, client, web.lockout_minutes) >= web.max_failed_logins
 
 
 def audit(
