@@ -115,12 +115,16 @@ class ResultReceiver:
         folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title="DEMO_PACS")
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(
-                cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
-            )
-        self.server = ae.start_server(
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(
+                    cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+                )
+        server = ae.start_server(
             ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
         )
+        if server is None:  # only with block=True
+            raise RuntimeError("the demo PACS did not start")
+        self.server = server
 
     def _store(self, event: Any) -> int:
         ds: Dataset = event.dataset

@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -32,6 +32,8 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -139,10 +141,11 @@ class StoreSCP:
             ae.require_calling_aet = list(s.allowed_calling_aets)
         ae.add_supported_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
 
-    def handlers(self) -> list[tuple[Any, Any]]:
+    def handlers(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -161,12 +164,15 @@ class StoreSCP:
         tempfile.tempdir = str(self.spool.incoming)
         ctx = server_tls_context(self.settings.tls) if self.settings.tls else None
         ae = self.build_ae()
-        self._server = ae.start_server(
+        server = ae.start_server(
             (self.settings.bind, self.settings.port),
             block=False,
             evt_handlers=self.handlers(),
             ssl_context=ctx,
         )
+        if server is None:  # only with block=True
+            raise RuntimeError("the DICOM listener did not start")
+        self._server = server
         log.info(
             "listening as %s on %s:%d%s",
             self.settings.ae_title,
@@ -174,7 +180,7 @@ class StoreSCP:
             self.port,
             " (TLS)" if ctx else "",
         )
-        return self._server
+        return server
 
     @property
     def port(self) -> int:
@@ -184,7 +190,8 @@ class StoreSCP:
 
     @property
     def listening(self) -> bool:
-        return self._server is not None and self._server.socket.fileno() >= 0
+        sock = self._server.socket if self._server is not None else None
+        return sock is not None and sock.fileno() >= 0
 
     def shutdown(self) -> None:
         if self._server is not None:
@@ -280,7 +287,8 @@ class StoreSCP:
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         st = self._stats(event.assoc)
-        req_uid = str(event.request.AffectedSOPInstanceUID or "")
+        request = cast(C_STORE, event.request)
+        req_uid = str(request.AffectedSOPInstanceUID or "")
         temp = Path(event.dataset_path)
         try:
             self.spool.check_space()

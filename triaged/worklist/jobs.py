@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, cast
 
 from sqlalchemy import Engine, or_, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from triaged.worklist.models import Job, JobState, Study, utcnow
@@ -76,7 +78,7 @@ def renew(engine: Engine, job_id: int, owner: str, lease_seconds: float) -> bool
             .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING)
             .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
         )
-        return bool(res.rowcount)
+        return bool(cast("CursorResult[Any]", res).rowcount)
 
 
 def release(engine: Engine, job_id: int, owner: str) -> bool:
@@ -87,7 +89,7 @@ def release(engine: Engine, job_id: int, owner: str) -> bool:
             .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING)
             .values(state=JobState.QUEUED, lease_owner=None, lease_expires_at=None)
         )
-        return bool(res.rowcount)
+        return bool(cast("CursorResult[Any]", res).rowcount)
 
 
 def still_owned(session: Session, job_id: int, owner: str) -> bool:

@@ -11,9 +11,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, cast
 
 from sqlalchemy import Engine, and_, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from triaged.worklist.models import (
@@ -199,11 +201,12 @@ def record_instance(
     now = now or utcnow()
     ids = cache.get(meta) if cache is not None else None
     if ids is not None:
-        touched = session.execute(
+        res = session.execute(
             update(Study)
             .where(Study.id == ids[0], Study.state == StudyState.RECEIVING)
             .values(last_received_at=now, updated_at=now)
-        ).rowcount
+        )
+        touched = cast("CursorResult[Any]", res).rowcount
         if touched:
             return _insert_instance(
                 session, meta, ids[0], ids[1], path, size_bytes, association_id, now
@@ -271,7 +274,7 @@ def abort_open_associations(session: Session) -> int:
         .where(Association.state == AssociationState.OPEN)
         .values(state=AssociationState.ABORTED, ended_at=utcnow())
     )
-    return int(res.rowcount or 0)
+    return int(cast("CursorResult[Any]", res).rowcount or 0)
 
 
 def complete_due_studies(
