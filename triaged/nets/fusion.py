@@ -165,7 +165,8 @@ class FusionOutput:
                     for f in fields(Explanation)
                 }
             )
-        return FusionOutput(*logits, explanation=expl)
+        g, h, i, f = logits
+        return FusionOutput(g, h, i, f, explanation=expl)
 
 
 class FusionPass(NamedTuple):
@@ -257,7 +258,8 @@ class FusionNet(nn.Module):
                 infected_boxes=p.crops.boxes,
                 split=p.crops.split,
             )
-        return FusionOutput(*self.heads(p.features()), explanation=expl)
+        g, h, i, f = self.heads(p.features())
+        return FusionOutput(g, h, i, f, explanation=expl)
 
 
 def set_stage(model: FusionNet, stage: int | None) -> list[nn.Parameter]:

@@ -82,7 +82,7 @@ def prepare(model: M, device: torch.device | str | None = None, fast: bool = Tru
     dev = resolve_device(device)
     model = model.eval().to(dev)
     if fast and wants_channels_last(model):
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 
 

@@ -84,7 +84,7 @@ def split_column(lung: np.ndarray) -> int:
     """
     w = lung.shape[1]
     mid = w // 2
-    occupied = lung.any(axis=0)
+    occupied: np.ndarray = np.asarray(lung.any(axis=0))
     cols = np.flatnonzero(occupied)
     if cols.size == 0:
         return mid

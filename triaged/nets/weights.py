@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -114,7 +115,7 @@ def load_torchvision_backbone(backbone: Backbone, path: str | Path) -> LoadRepor
         raise WeightLoadError(f"torchvision weights do not apply to {backbone.name}")
     in_ch = _stem_in_channels(backbone)
     mapped, ignored = map_torchvision_keys(read_state_dict(path), backbone.name, in_ch)
-    missing = _load_checked(backbone.body, mapped)
+    missing = _load_checked(cast(nn.Module, backbone.body), mapped)
     return LoadReport(missing=missing, ignored=ignored)
 
 
@@ -145,7 +146,7 @@ def load_lite0_imagenet(backbone: Backbone, path: str | Path | None = None) -> L
         if in_ch != 1:
             raise WeightLoadError(f"cannot adapt {stem.shape[1]}-channel stem to {in_ch}")
         state["_conv_stem.weight"] = stem.sum(dim=1, keepdim=True)
-    missing = _load_checked(backbone.body, state)
+    missing = _load_checked(cast(nn.Module, backbone.body), state)
     return LoadReport(missing=missing, ignored=ignored)
 
 

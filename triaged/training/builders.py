@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from torch import nn
 
@@ -22,8 +22,12 @@ from triaged.registry import Architecture, ModelVersion
 Init = Literal["random", "imagenet"] | str
 
 
+if TYPE_CHECKING:
+    from triaged.nets.fusion import FusionConfig
+
+
 def fusion_architecture(model: nn.Module) -> Architecture:
-    return Architecture(name="fusion", params=asdict(model.config))  # type: ignore[arg-type]
+    return Architecture(name="fusion", params=asdict(cast("FusionConfig", model.config)))
 
 
 def build_model(arch: Architecture | dict[str, Any]) -> nn.Module:
@@ -40,8 +44,9 @@ def build_model(arch: Architecture | dict[str, Any]) -> nn.Module:
     if a.name == "baseline-cnn":
         from triaged.nets.cbam import BaselineCNN
 
-        return BaselineCNN(cbam=bool(a.params.get("cbam", True)),
-                           size=int(a.params.get("size", 180)))
+        return BaselineCNN(
+            cbam=bool(a.params.get("cbam", True)), size=int(a.params.get("size", 180))
+        )
     raise ValueError(f"unknown architecture {a.name!r}")
 
 

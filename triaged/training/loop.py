@@ -187,8 +187,10 @@ def _batches(phase: Phase, rt: Runtime, epoch: int) -> Iterator[dict[str, Any]]:
     ds = phase.train_set
     if hasattr(ds, "set_epoch"):
         ds.set_epoch(epoch)
-    sampler = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
-                                 seed=phase.seed, drop_last=False)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=phase.seed,
+        drop_last=False,
+    )
     sampler.set_epoch(epoch)
     loader = DataLoader(ds, batch_size=phase.batch_size, sampler=sampler, num_workers=0)
     yield from loader

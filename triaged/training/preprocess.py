@@ -53,9 +53,8 @@ def read_grey(path: str | Path) -> np.ndarray:
             lo, hi = float(arr.min()), float(arr.max())
             scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
             return scaled.astype(np.uint8)
-        if im.mode == "P" or im.mode == "PA":
-            im = im.convert("RGBA")
-        return np.asarray(im.convert("L"), dtype=np.uint8)
+        rgb: Image.Image = im.convert("RGBA") if im.mode in ("P", "PA") else im
+        return np.asarray(rgb.convert("L"), dtype=np.uint8)
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:
