@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ from triaged.training.loop import (
 from triaged.training.preprocess import Preprocessing
 from triaged.training.semi import SemiSettings, mean_dice, split_labelled, train_semi
 from triaged.training.staged import FusionSettings, build_fusion, collect, run_stage
+
+if TYPE_CHECKING:
+    from triaged.nets.fusion import FusionNet
 
 STAGES = ("infnet", "1", "2", "3", "cbam", "plain")
 DATA_KINDS = ("covid-ct", "semiseg", "medseg", "manifest", "labels", "synthetic")
@@ -387,7 +390,7 @@ def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
             start = _resolve(store, opts.start_from)
             if start.card.architecture.name != "fusion":
                 raise RetrainError(f"--start-from {start.ref} is not a fusion model")
-            model = load_version(start)
+            model = cast("FusionNet", load_version(start))
             fs = replace(fs, input_size=int(start.card.preprocessing.get("size",
                                                                            fs.input_size)))
             init_desc = f"from {start.ref}"
@@ -431,15 +434,15 @@ def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
             continue
         bs = opts.baseline_settings(cbam=variant == "cbam")
         seed_everything(bs.seed)
-        cnn, res = train_baseline(train, val, bs, run_dir / variant, rt, opts.progress)
+        cnn, cnn_res = train_baseline(train, val, bs, run_dir / variant, rt, opts.progress)
         cnn.to("cpu")
         prep = Preprocessing(size=bs.size)
-        labels, probs = _cls_score(cnn, "baseline-cnn", val, prep, bs.batch_size)
-        metrics = {"val": M.report(labels, probs, seed=opts.seed).as_dict(),
-                   "history": res.history}
+        cnn_labels, cnn_probs = _cls_score(cnn, "baseline-cnn", val, prep, bs.batch_size)
+        metrics = {"val": M.report(cnn_labels, cnn_probs, seed=opts.seed).as_dict(),
+                   "history": cnn_res.history}
         if opts.report_test and test:
-            tl, tp = _cls_score(cnn, "baseline-cnn", test, prep, bs.batch_size)
-            metrics["test"] = M.report(tl, tp, seed=opts.seed).as_dict()
+            test_labels, test_probs = _cls_score(cnn, "baseline-cnn", test, prep, bs.batch_size)
+            metrics["test"] = M.report(test_labels, test_probs, seed=opts.seed).as_dict()
         card = _card(Architecture(name="baseline-cnn", params={"cbam": bs.cbam, "size": bs.size}),
                      data, cls_split, cls_counts, metrics, bs.as_card(), prep, bs.seed)
         register(f"{variant}-cnn", cnn, card, val)
@@ -452,7 +455,7 @@ def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
 def _config(model: nn.Module) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return asdict(model.config)  # type: ignore[arg-type]
+    return asdict(cast("FusionNet", model).config)
 
 
 def _brief(metrics: dict[str, Any]) -> str:
