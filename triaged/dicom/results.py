@@ -23,6 +23,7 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -302,6 +303,25 @@ def _algorithm_parameters(findings: StudyFindings) -> dict[str, str]:
     return {"threshold": f"{findings.threshold:.4g}"}
 
 
+def _new_object(
+    findings: StudyFindings,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    institution_name: str | None,
+) -> dict[str, Any]:
+    """The keyword arguments every result object shares: its identity and its maker."""
+    return {
+        "series_instance_uid": series_instance_uid,
+        "series_number": series_number,
+        "sop_instance_uid": sop_instance_uid,
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": findings.model.name[:64],
+        "institution_name": institution_name,
+    }
+
+
 def build_report(
     source_datasets: Sequence[pydicom.Dataset],
     findings: StudyFindings,
@@ -387,17 +407,13 @@ def build_report(
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=findings.model.name[:64],
         software_versions=_software_versions(findings),
         is_complete=True,
         is_final=False,
         is_verified=False,
-        institution_name=institution_name,
+        **_new_object(
+            findings, series_instance_uid, sop_instance_uid, series_number, institution_name
+        ),
         series_description=f"COVID-19 triage report - {NOT_FOR_DIAGNOSTIC_USE}",
     )
 
@@ -429,14 +445,10 @@ def build_capture(
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=findings.model.name[:64],
         software_versions=_software_versions(findings),
-        institution_name=institution_name,
+        **_new_object(
+            findings, series_instance_uid, sop_instance_uid, series_number, institution_name
+        ),
         pixel_spacing=pixel_spacing,
         patient_orientation=_patient_orientation(key),
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
@@ -499,18 +511,14 @@ def build_segmentation(
         pixel_array=masks,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=findings.model.name[:64],
         software_versions=f"triaged {__version__}",  # all versions are set below
         device_serial_number=device_serial_number,
         content_label="INFECTION",
         content_description=NOT_FOR_DIAGNOSTIC_USE,
         omit_empty_frames=True,
-        institution_name=institution_name,
+        **_new_object(
+            findings, series_instance_uid, sop_instance_uid, series_number, institution_name
+        ),
         series_description=f"COVID-19 infection - {NOT_FOR_DIAGNOSTIC_USE}",
     )
     # highdicom types this as str | tuple[str]; pydicom wants a list for several LO values.

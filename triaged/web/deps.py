@@ -88,11 +88,14 @@ def api_user(request: Request) -> LoginSession:
     return s
 
 
-def api_admin(request: Request) -> LoginSession:
-    s = api_user(request)
+def _require_admin(s: LoginSession) -> LoginSession:
     if not s.principal.is_admin:
         raise HTTPException(403, "admin role required")
     return s
+
+
+def api_admin(request: Request) -> LoginSession:
+    return _require_admin(api_user(request))
 
 
 def api_csrf(request: Request) -> LoginSession:
@@ -104,10 +107,7 @@ def api_csrf(request: Request) -> LoginSession:
 
 
 def api_admin_csrf(request: Request) -> LoginSession:
-    s = api_csrf(request)
-    if not s.principal.is_admin:
-        raise HTTPException(403, "admin role required")
-    return s
+    return _require_admin(api_csrf(request))
 
 
 def _next_url(request: Request) -> str:
@@ -135,8 +135,10 @@ async def page_csrf(request: Request) -> LoginSession:
     form = await request.form()
     token = form.get(CSRF_FIELD)
     if not isinstance(token, str) or not same_token(s.csrf_token, token):
-        raise PageError(403, "The form has expired or did not come from this site. "
-                             "Reload the page and try again.")
+        raise PageError(
+            403,
+            "The form has expired or did not come from this site. Reload the page and try again.",
+        )
     return s
 
 
@@ -153,8 +155,12 @@ def login_url(next_url: str) -> str:
 
 def safe_next(next_url: str | None) -> str:
     """Only same-site paths: never redirect a user to another site after login."""
-    if not next_url or not next_url.startswith("/") or next_url.startswith("//") \
-            or "\\" in next_url:
+    if (
+        not next_url
+        or not next_url.startswith("/")
+        or next_url.startswith("//")
+        or "\\" in next_url
+    ):
         return "/"
     return next_url
 
@@ -186,5 +192,6 @@ def ops_allowed(request: Request, open_flag: bool) -> None:
     """/healthz and /metrics: open if configured, else a session or HTTP Basic login."""
     if open_flag or login_session(request) is not None or basic_principal(request) is not None:
         return
-    raise HTTPException(401, "login required",
-                        headers={"WWW-Authenticate": 'Basic realm="triaged"'})
+    raise HTTPException(
+        401, "login required", headers={"WWW-Authenticate": 'Basic realm="triaged"'}
+    )
