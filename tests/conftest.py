@@ -36,6 +36,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_listening(port: int, timeout: float = 20.0) -> None:
+    """Block until something accepts TCP connections on loopback ``port``.
+
+    A peer started with Popen needs a moment before it listens; a fixed sleep is a race
+    on a loaded machine (the first send would fail with "connection refused").
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on port {port} after {timeout} s") from None
+            time.sleep(0.05)
+
+
 def _pg_database(tag: str) -> Iterator[str]:
     name = f"triaged_test_{tag}_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")

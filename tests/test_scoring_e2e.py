@@ -17,7 +17,7 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import DCMTK_ENV, free_port, storescu, write_config
+from tests.conftest import DCMTK_ENV, free_port, storescu, wait_listening, write_config
 from tests.pipeline.conftest import TEST_PIPELINE as PIPELINE
 from tests.pipeline.conftest import register_cbam, register_fusion
 from triaged.registry import ModelStore
@@ -56,7 +56,7 @@ class PACS:
         self.proc = subprocess.Popen(
             [*args, str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        time.sleep(0.3)
+        wait_listening(port)
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.dir.iterdir() if p.is_file())
