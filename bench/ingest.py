@@ -2,8 +2,10 @@
 
 Run: ``.venv/bin/python bench/ingest.py [--instances 300] [--repeat 3]``. Both receivers get
 the same files from dcmtk's storescu with TCP_NODELAY on both ends; triaged fsyncs every
-instance and commits its database row before answering, storescp does neither. Prints
-instances/s for each (median of the repeats) and the ratio. Target: ratio >= 0.3.
+instance and commits its database row before answering, storescp does neither. A third
+receiver, a minimal pynetdicom SCP (chunked receive, TCP_NODELAY, 0.1 ms DUL poll, answers
+Success without storing anything), shows the ceiling of the library triaged is built on.
+Prints instances/s for each (median of the repeats) and the ratios. Target: ratio >= 0.3.
 """
 
 from __future__ import annotations
@@ -67,6 +69,36 @@ def bench_storescp(files: Path, n: int, work: Path) -> float:
         proc.wait()
 
 
+def minimal_scp(port: int) -> None:
+    """Serve C-STORE with pynetdicom and do nothing else: the library's own ceiling."""
+    from pynetdicom import AE, _config, evt
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+    def on_open(event: evt.Event) -> None:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        event.assoc.dul._run_loop_delay = 0.0001
+
+    ae = AE("MINIMAL")
+    ae.maximum_pdu_size = 131072
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax)
+    handlers = [(evt.EVT_C_STORE, lambda event: 0x0000), (evt.EVT_CONN_OPEN, on_open)]
+    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=handlers)
+
+
+def bench_minimal(files: Path, n: int) -> float:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--minimal-scp", str(port)])
+    try:
+        wait_port(port, proc)
+        return n / send(port, files, "MINIMAL")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def bench_triaged(files: Path, n: int, work: Path) -> float:
     port = free_port()
     cfg = work / "config.toml"
@@ -92,7 +124,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--instances", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--minimal-scp", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.minimal_scp:
+        minimal_scp(args.minimal_scp)
+        return
     from triaged.synthetic import generate_study
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
@@ -108,18 +144,23 @@ def main() -> None:
             f"generated {args.instances} CT instances 512x512 ({mb:.0f} MB) "
             f"in {time.perf_counter() - t0:.1f} s"
         )
-        scp, tri = [], []
+        scp, tri, low = [], [], []
         for r in range(args.repeat):
             work = root / f"run{r}"
             (work / "a").mkdir(parents=True)
             (work / "b").mkdir()
             scp.append(bench_storescp(files, args.instances, work / "a"))
             tri.append(bench_triaged(files, args.instances, work / "b"))
-            print(f"run {r + 1}: storescp {scp[-1]:.0f}/s, triaged {tri[-1]:.0f}/s")
-        s, t = statistics.median(scp), statistics.median(tri)
+            low.append(bench_minimal(files, args.instances))
+            print(
+                f"run {r + 1}: storescp {scp[-1]:.0f}/s, triaged {tri[-1]:.0f}/s, "
+                f"minimal pynetdicom {low[-1]:.0f}/s"
+            )
+        s, t, m = statistics.median(scp), statistics.median(tri), statistics.median(low)
         print(
             f"median: dcmtk storescp {s:.0f} instances/s, triaged serve {t:.0f} instances/s "
-            f"(fsync + database row per instance), ratio {t / s:.2f} (target >= 0.30)"
+            f"(fsync + database row per instance), ratio {t / s:.2f} (target >= 0.30); "
+            f"minimal pynetdicom SCP (stores nothing) {m:.0f} instances/s, ratio {m / s:.2f}"
         )
 
 

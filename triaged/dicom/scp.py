@@ -42,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from triaged.config import DicomSettings, TLSSettings
+from triaged.dicom import reactor
 from triaged.dicom.header import BadInstance, read_meta
 from triaged.dicom.spool import OutOfSpace, Spool, SpoolError
 from triaged.worklist.models import AssociationState
@@ -162,6 +163,7 @@ class StoreSCP:
         # spool's filesystem so that committing is a link, not a copy.
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.spool.incoming)
+        reactor.install()
         ctx = server_tls_context(self.settings.tls) if self.settings.tls else None
         ae = self.build_ae()
         server = ae.start_server(
@@ -222,6 +224,7 @@ class StoreSCP:
         event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
 
     def _on_accepted(self, event: evt.Event) -> None:
+        reactor.register(event.assoc)  # runs in the association's reactor thread
         st = self._stats(event.assoc)
         try:
             with Session(self.engine) as s, s.begin():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Engine, and_, delete, exists, func, or_, select, update
+from sqlalchemy import Engine, Table, and_, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
@@ -144,6 +144,37 @@ class IdCache:
         self._ids[(meta.study_instance_uid, meta.series_instance_uid)] = (study_id, series_id)
 
 
+_INSTANCE_INSERTS: dict[str, Any] = {}
+
+
+def _instance_insert(session: Session) -> Any:
+    """INSERT .. ON CONFLICT DO NOTHING RETURNING id, built once per dialect.
+
+    Built with bound parameters rather than ``.values(...)`` literals, so the SCP's hot
+    path reuses one compiled statement instead of building and hashing a new one per
+    instance.
+    """
+    name = session.get_bind().dialect.name
+    stmt = _INSTANCE_INSERTS.get(name)
+    if stmt is None:
+        table = Instance.__table__
+        stmt = (
+            _insert(session)(table)
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            .returning(table.c.id)
+        )
+        _INSTANCE_INSERTS[name] = stmt
+    return stmt
+
+
+_STUDIES = cast(Table, Study.__table__)
+_TOUCH_RECEIVING = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("study_id"), _STUDIES.c.state == StudyState.RECEIVING)
+    .values(last_received_at=bindparam("now"), updated_at=bindparam("now"))
+)
+
+
 def _insert_instance(
     session: Session,
     meta: InstanceMeta,
@@ -154,26 +185,21 @@ def _insert_instance(
     association_id: int | None,
     now: datetime,
 ) -> bool:
-    ins = _insert(session)(Instance).values(
-        study_id=study_id,
-        series_id=series_id,
-        association_id=association_id,
-        sop_instance_uid=meta.sop_instance_uid,
-        sop_class_uid=meta.sop_class_uid,
-        transfer_syntax_uid=meta.transfer_syntax_uid,
-        instance_number=meta.instance_number,
-        path=path,
-        size_bytes=size_bytes,
-        received_at=now,
-        file_missing=False,
-    )
+    row = {
+        "study_id": study_id,
+        "series_id": series_id,
+        "association_id": association_id,
+        "sop_instance_uid": meta.sop_instance_uid,
+        "sop_class_uid": meta.sop_class_uid,
+        "transfer_syntax_uid": meta.transfer_syntax_uid,
+        "instance_number": meta.instance_number,
+        "path": path,
+        "size_bytes": size_bytes,
+        "received_at": now,
+        "file_missing": False,
+    }
     # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
-    created = (
-        session.execute(
-            ins.on_conflict_do_nothing(index_elements=["sop_instance_uid"]).returning(Instance.id)
-        ).first()
-        is not None
-    )
+    created = session.connection().execute(_instance_insert(session), row).first() is not None
     if not created:
         session.execute(
             update(Instance)
@@ -201,11 +227,7 @@ def record_instance(
     now = now or utcnow()
     ids = cache.get(meta) if cache is not None else None
     if ids is not None:
-        res = session.execute(
-            update(Study)
-            .where(Study.id == ids[0], Study.state == StudyState.RECEIVING)
-            .values(last_received_at=now, updated_at=now)
-        )
+        res = session.connection().execute(_TOUCH_RECEIVING, {"study_id": ids[0], "now": now})
         touched = cast("CursorResult[Any]", res).rowcount
         if touched:
             return _insert_instance(
