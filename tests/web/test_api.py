@@ -16,13 +16,13 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy.orm import Session
 
-from tests.web.conftest import Web, study_uid
+from tests.web.conftest import Web, _add_result, study_uid
 from triaged.registry import Architecture, ModelCard, ModelStore, TrainingData
 from triaged.training.dicom_data import read_label_export, worklist_labels
 from triaged.web.app import create_app
 from triaged.web.queries import export_labels
 from triaged.worklist import db
-from triaged.worklist.models import Delivery, Job, Result, Study
+from triaged.worklist.models import Delivery, Job, Result, Study, utcnow
 from triaged.worklist.web_models import AuditEntry
 
 Seed = Callable[..., str]
@@ -132,6 +132,40 @@ def test_study_detail_api_and_audit(web: Web, seed: Seed) -> None:
     assert d["series"][0]["instances"] == 3
     assert c.get("/api/studies/9.9.9").status_code == 404
     assert audit_rows(web)[-1] == ("rad", "view_study", uid, "testclient")
+
+
+def test_study_revision_follows_what_the_page_shows(web: Web, seed: Seed) -> None:
+    uid = seed(1, state="SCORING")
+    c = web.client("radiologist")
+    audited = len(audit_rows(web))
+
+    def rev() -> dict[str, str]:
+        r = c.get(f"/api/studies/{uid}/revision")
+        assert r.status_code == 200
+        return dict(r.json())
+
+    first = rev()
+    assert first["state"] == "SCORING" and rev() == first  # stable while nothing changes
+    assert len(audit_rows(web)) == audited  # polling reads no patient data: not audited
+    with Session(web.engine) as s, s.begin():
+        st = s.scalars(sa.select(Study).where(Study.study_instance_uid == uid)).one()
+        series_uid = f"{uid}.1"
+        _add_result(web, s, st, series_uid, {"fusion": 0.9, "flag": True, "priority": 9},
+                    [("pacs", "SR", "PENDING", None)], utcnow())
+    scored = rev()
+    assert scored["state"] == "SCORED" and scored["revision"] != first["revision"]
+    with Session(web.engine) as s, s.begin():  # a retry changes only the delivery row
+        d = s.scalars(sa.select(Delivery)).one()
+        d.attempts += 1
+        d.last_error = "connection failed"
+    retried = rev()
+    assert retried["revision"] != scored["revision"]
+    assert c.post(f"/api/studies/{uid}/feedback", json={"verdict": "confirm"}).status_code == 201
+    assert rev()["revision"] != retried["revision"]  # another reader's verdict shows up
+    assert c.get("/api/studies/9.9.9/revision").status_code == 404
+    assert web.client().get(f"/api/studies/{uid}/revision").status_code == 401
+    html = c.get(f"/studies/{uid}").text
+    assert f'data-revision="{rev()["revision"]}"' in html and "/static/study.js" in html
 
 
 def test_study_page(web: Web, seed: Seed) -> None:

@@ -25,6 +25,7 @@ from tests.web.conftest import (
     make_settings,
     seed_study,
 )
+from triaged.web import queries
 from triaged.web.server import WebServer, serve_in_thread
 from triaged.worklist import db
 from triaged.worklist.models import Series, Study, utcnow
@@ -180,6 +181,36 @@ def test_radiologist_sees_a_positive_rise_and_reads_it(
     assert resp is not None and resp.status == 403
     expect(page.locator("h1")).to_have_text("403")
     page.close()
+
+
+def test_open_study_page_follows_scoring_and_keeps_a_note_being_typed(
+    browser: Browser, live: tuple[Web, WebServer]
+) -> None:
+    web, server = live
+    uid = seed_study(web, 7, state="SCORING")
+    page, errors = new_page(browser, 1400)
+    login(page, server.url, "rad", RAD_PASSWORD)
+    page.goto(f"{server.url}/studies/{uid}")
+    expect(page.locator("p.lead")).to_have_text("Not scored yet.")
+    score(web, uid, fusion=0.91, cbam=0.8, flag=True, priority=90)
+    # the page notices the score by itself (nothing is being typed, so it just reloads)
+    expect(page.locator("#heatmap")).to_be_visible()
+    expect(page.locator(".study-head .state")).to_have_text("SCORED")
+    expect(page.locator("#changed")).to_be_hidden()
+
+    page.evaluate("window.__sameDocument = true")
+    page.fill("textarea[name=note]", "half-written note")
+    with Session(web.engine) as s, s.begin():  # a colleague reads the study meanwhile
+        queries.add_feedback(s, uid, "ann", "refute", "looks like oedema")
+    banner = page.locator("#changed")
+    expect(banner).to_be_visible()
+    assert page.evaluate("window.__sameDocument") is True  # no reload under the reader
+    assert page.input_value("textarea[name=note]") == "half-written note"
+    page.click("#reload")
+    expect(page.locator("ul.feedback li").first).to_contain_text("looks like oedema")
+    assert page.evaluate("window.__sameDocument") is None  # the reader chose to reload
+    page.close()
+    assert errors == []
 
 
 def test_admin_page_echo_in_place(browser: Browser, live: tuple[Web, WebServer]) -> None:

@@ -2,7 +2,8 @@
 
 Reads need a login; writes need a login and the session's CSRF token in ``X-CSRF-Token``;
 ``/api/admin/*`` and ``/api/labels`` need the admin role. Every study read and every
-admin action is written to the audit log.
+admin action is written to the audit log (not the revision poll, which shows no patient
+data).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from triaged.web.schemas import (
     PromoteIn,
     RollbackIn,
     StudyDetail,
+    StudyRevision,
     WorklistOut,
 )
 from triaged.worklist.models import utcnow
@@ -107,6 +109,17 @@ def get_study(uid: str, request: Request, c: Ctx, who: User) -> StudyDetail:
             raise HTTPException(404, str(exc)) from None
         queries.audit(s, who.principal.name, "view_study", uid, client_address(request), "api")
     return detail
+
+
+@router.get("/studies/{uid}/revision", response_model=StudyRevision)
+def get_study_revision(uid: str, c: Ctx, who: User) -> StudyRevision:
+    """The open study page polls this; it carries no patient data, so it is not audited."""
+    with Session(c.engine) as s:
+        try:
+            state, revision = queries.study_revision(s, uid)
+        except queries.NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+    return StudyRevision(state=state, revision=revision)
 
 
 @router.get("/studies/{uid}/images/{kind}", response_class=FileResponse,

@@ -125,6 +125,7 @@ def _study_page(c: WebContext, request: Request, who: LoginSession, uid: str,
     with Session(c.engine) as s, s.begin():
         try:
             detail = queries.study_detail(s, uid, api.image_url(uid))
+            _, revision = queries.study_revision(s, uid)
         except queries.NotFound:
             raise PageError(404, "No such study.") from None
         queries.audit(s, who.principal.name, "view_study", uid, client_address(request), "page")
@@ -133,7 +134,7 @@ def _study_page(c: WebContext, request: Request, who: LoginSession, uid: str,
         r = detail.result
         plot = Markup(slice_plot_svg(r.slice_probabilities, r.threshold, r.key_slice))
     return render(c, request, "study.html", who, status_code, d=detail, s=detail.study,
-                  r=detail.result, plot=plot, error=error)
+                  r=detail.result, plot=plot, error=error, revision=revision)
 
 
 @router.get("/studies/{uid}", response_class=HTMLResponse)

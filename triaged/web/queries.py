@@ -6,6 +6,7 @@ label export can be tested (and used by the CLI) without a web server.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -204,6 +205,41 @@ def get_study(session: Session, uid: str) -> Study:
     if study is None:
         raise NotFound(f"no study {uid}")
     return study
+
+
+def study_revision(session: Session, uid: str) -> tuple[str, str]:
+    """(state, digest): the digest changes whenever anything the study page shows changes.
+
+    The study page polls this instead of the full detail, so an open page notices a new
+    score, delivery or reading without re-reading (and re-auditing) patient data.
+    """
+    study = get_study(session, uid)
+    sid = study.id
+
+    def agg(model: Any) -> tuple[Any, ...]:
+        return tuple(
+            session.execute(
+                select(func.count(), func.max(model.id)).where(model.study_id == sid)
+            ).one()
+        )
+
+    deliveries = session.execute(
+        select(Delivery.id, Delivery.state, Delivery.attempts, Delivery.next_attempt_at)
+        .where(Delivery.study_id == sid)
+        .order_by(Delivery.id)
+    ).all()
+    parts = (
+        study.state,
+        study.state_reason,
+        _iso(study.updated_at),
+        agg(Instance),
+        agg(Result),
+        agg(StudyEvent),
+        agg(Feedback),
+        [(i, st, n, _iso(t)) for i, st, n, t in deliveries],
+    )
+    digest = hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+    return str(study.state), digest
 
 
 def _threshold(details: dict[str, Any]) -> float:

@@ -107,6 +107,11 @@ class StudyDetail(_Out):
     feedback: list[FeedbackOut]
 
 
+class StudyRevision(_Out):
+    state: str
+    revision: str = Field(description="changes whenever anything on the study page changes")
+
+
 class FeedbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
