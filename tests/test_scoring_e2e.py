@@ -194,6 +194,18 @@ def test_refusing_destination_is_dead_lettered(
     eng.dispose()
     assert attempts and all(s == "DEAD" and a == 1 for s, a in attempts)
     assert pacs.files() == []
+    listed = d.cli("deliveries", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == [{"destination": "pacs", "pending": 0, "dead": 3}]
+
+    # the PACS administrator fixes the refusal; the operator resends the dead letters
+    pacs.stop()
+    fixed = pacs_factory(pacs.port)
+    out = d.cli("deliveries", "retry", "--destination", "pacs")
+    assert out.returncode == 0 and "requeued 3 dead-lettered deliveries" in out.stdout, out
+    d.wait_state("DELIVERED", timeout=60)
+    uids = [str(ds.SOPInstanceUID) for ds in fixed.datasets()]
+    assert len(uids) == len(set(uids)) == 3
 
 
 def test_kill_while_scoring_then_scored_and_delivered_once(

@@ -120,6 +120,43 @@ def cmd_worklist(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- deliveries -------------------------------------------------------------------------------
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from triaged.worklist import db, deliveries
+
+    settings = _settings(args)
+    engine = db.make_engine(settings.database.url)
+    try:
+        db.ensure_schema(engine)
+        with Session(engine) as s, s.begin():
+            if args.action == "retry":
+                n = deliveries.requeue_dead(s, destination=args.destination, study_uid=args.study)
+                print(f"requeued {n} dead-lettered deliver{'y' if n == 1 else 'ies'}")
+                return 0
+            counts = deliveries.counts_by_destination(s)
+    finally:
+        engine.dispose()
+    names = [d.name for d in settings.destinations] + sorted(
+        set(counts) - {d.name for d in settings.destinations}
+    )
+    rows = [
+        {
+            "destination": n,
+            "pending": counts[n].pending if n in counts else 0,
+            "dead": counts[n].dead if n in counts else 0,
+        }
+        for n in names
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(_fmt_table(rows, [("destination", "DESTINATION"), ("pending", "PENDING"),
+                                ("dead", "DEAD")]))
+    return 0
+
+
 # -- db ---------------------------------------------------------------------------------------
 def cmd_db(args: argparse.Namespace) -> int:
     from triaged.worklist import db
@@ -373,6 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON array")
     p.add_argument("--limit", type=int, default=None, help="at most this many studies")
     p.set_defaults(func=cmd_worklist)
+
+    p = sub.add_parser(
+        "deliveries",
+        help="result deliveries: pending and dead-lettered counts, or resend the dead ones",
+        description="`list` counts pending and dead-lettered objects per destination; "
+        "`retry` gives dead-lettered deliveries a fresh retry budget (after a PACS outage "
+        "or a configuration fix); the running daemon sends them with the same SOP "
+        "Instance UIDs.",
+    )
+    _add_config(p)
+    p.add_argument("action", choices=["list", "retry"])
+    p.add_argument("--destination", help="only this destination (retry)")
+    p.add_argument("--study", metavar="UID", help="only this Study Instance UID (retry)")
+    p.add_argument("--json", action="store_true", help="print JSON (list)")
+    p.set_defaults(func=cmd_deliveries)
 
     p = sub.add_parser("db", help="database schema: upgrade or show the revision")
     _add_config(p)

@@ -372,6 +372,38 @@ def test_destinations_and_echo(web: Web) -> None:
     assert no_echo.post("/api/admin/destinations/pacs/echo").status_code == 503
 
 
+def test_dead_deliveries_are_counted_and_retried(web: Web, seed: Seed) -> None:
+    ids = scenario(seed)  # "dead": SR delivered, SEG dead-lettered at "pacs"
+    with Session(web.engine) as s, s.begin():
+        st = s.scalars(sa.select(Study).where(Study.study_instance_uid == ids["dead"])).one()
+        st.state = "FAILED"
+        st.state_reason = "delivery of SEG to pacs failed: C-STORE refused"
+    c = web.client("admin")
+    dests = {d["name"]: d for d in c.get("/api/admin/destinations").json()}
+    assert (dests["pacs"]["pending"], dests["pacs"]["dead"]) == (0, 1)
+    assert (dests["down"]["pending"], dests["down"]["dead"]) == (0, 0)
+    assert "Retry 1 dead" in c.get("/admin").text
+    assert web.client("radiologist").post("/api/admin/destinations/pacs/retry").status_code == 403
+    assert c.post("/api/admin/destinations/down/retry").json() == {
+        "destination": "down", "requeued": 0}
+    assert c.post("/api/admin/destinations/nope/retry").status_code == 404
+    assert c.post("/api/admin/destinations/pacs/retry").json() == {
+        "destination": "pacs", "requeued": 1}
+    with Session(web.engine) as s:
+        st = s.scalars(sa.select(Study).where(Study.study_instance_uid == ids["dead"])).one()
+        assert (st.state, st.state_reason) == ("SCORED", "deliveries requeued")
+        rows = s.execute(sa.select(Delivery.object_kind, Delivery.state, Delivery.attempts)
+                         .where(Delivery.study_id == st.id)
+                         .order_by(Delivery.object_kind)).all()
+    assert [tuple(r) for r in rows] == [("SEG", "PENDING", 0), ("SR", "DELIVERED", 1)]
+    dests = {d["name"]: d for d in c.get("/api/admin/destinations").json()}
+    assert (dests["pacs"]["pending"], dests["pacs"]["dead"]) == (1, 0)
+    page = c.post("/admin/destinations/pacs/retry", data={"csrf_token": c.headers["X-CSRF-Token"]})
+    assert page.status_code == 200 and "pacs: 0 dead-lettered object(s) requeued" in page.text
+    assert [a[2:] for a in audit_rows(web) if a[1] == "retry_deliveries"] == [
+        ("down", "testclient"), ("pacs", "testclient"), ("pacs", "testclient")]
+
+
 def test_healthz(web: Web) -> None:
     c = web.client()
     r = c.get("/healthz")

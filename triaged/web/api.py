@@ -40,11 +40,13 @@ from triaged.web.schemas import (
     ModelOut,
     ModelVersionOut,
     PromoteIn,
+    RetryOut,
     RollbackIn,
     StudyDetail,
     StudyRevision,
     WorklistOut,
 )
+from triaged.worklist import deliveries
 from triaged.worklist.models import utcnow
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -272,8 +274,28 @@ def post_rollback(name: str, body: RollbackIn, request: Request, c: Ctx,
 
 
 def destinations(c: WebContext) -> list[DestinationOut]:
+    with Session(c.engine) as s:
+        counts = deliveries.counts_by_destination(s)
+    none = deliveries.DestinationCounts(0, 0)
     return [DestinationOut(name=d.name, ae_title=d.ae_title, host=d.host, port=d.port,
-                           tls=d.tls is not None) for d in c.settings.destinations]
+                           tls=d.tls is not None, pending=counts.get(d.name, none).pending,
+                           dead=counts.get(d.name, none).dead)
+            for d in c.settings.destinations]
+
+
+def retry_dead(c: WebContext, request: Request, who: LoginSession, name: str) -> RetryOut:
+    if name not in {d.name for d in c.settings.destinations}:
+        raise HTTPException(404, f"no destination named {name!r}")
+    with Session(c.engine) as s, s.begin():
+        n = deliveries.requeue_dead(s, destination=name)
+    audit(c, request, who, "retry_deliveries", name, f"{n} requeued")
+    return RetryOut(destination=name, requeued=n)
+
+
+@router.post("/admin/destinations/{name}/retry", response_model=RetryOut)
+def post_retry(name: str, request: Request, c: Ctx, who: AdminWriter) -> RetryOut:
+    """Resend this destination's dead-lettered objects (same SOP Instance UIDs)."""
+    return retry_dead(c, request, who, name)
 
 
 @router.get("/admin/destinations", response_model=list[DestinationOut])

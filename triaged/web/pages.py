@@ -205,6 +205,16 @@ def rollback_form(name: str, request: Request, c: Ctx, who: AdminWriter,
     return _admin_action(c, request, who, lambda: api.rollback(c, request, who, name, reason))
 
 
+@router.post("/admin/destinations/{name}/retry", response_class=HTMLResponse)
+def retry_form(name: str, request: Request, c: Ctx, who: AdminWriter) -> HTMLResponse:
+    try:
+        out = api.retry_dead(c, request, who, name)
+    except HTTPException as exc:
+        return _admin_page(c, request, who, (False, str(exc.detail)), exc.status_code)
+    return _admin_page(c, request, who,
+                       (True, f"{name}: {out.requeued} dead-lettered object(s) requeued"))
+
+
 @router.post("/admin/destinations/{name}/echo", response_class=HTMLResponse)
 def echo_form(name: str, request: Request, c: Ctx, who: AdminWriter) -> HTMLResponse:
     try:

@@ -184,6 +184,13 @@ class DestinationOut(_Out):
     host: str
     port: int
     tls: bool
+    pending: int = Field(0, description="result objects waiting to be sent")
+    dead: int = Field(0, description="dead-lettered objects (retry resends them)")
+
+
+class RetryOut(_Out):
+    destination: str
+    requeued: int
 
 
 class EchoOut(_Out):

@@ -11,10 +11,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
-from triaged.worklist.models import Delivery, DeliveryState, Study, StudyState, utcnow
+from triaged.worklist.models import (
+    Delivery,
+    DeliveryState,
+    Result,
+    Study,
+    StudyState,
+    utcnow,
+)
 from triaged.worklist.studies import set_state
 
 
@@ -42,11 +49,14 @@ def queue(
     destinations: Sequence[str],
     now: datetime | None = None,
 ) -> int:
-    """Queue every object for every destination; older pending ones are superseded."""
+    """Queue every object for every destination; older undelivered ones are superseded."""
     now = now or utcnow()
     session.execute(
         update(Delivery)
-        .where(Delivery.study_id == study_id, Delivery.state == DeliveryState.PENDING)
+        .where(
+            Delivery.study_id == study_id,
+            Delivery.state.in_([DeliveryState.PENDING, DeliveryState.DEAD]),
+        )
         .values(state=DeliveryState.SUPERSEDED, last_error="superseded by a newer result")
     )
     n = 0
@@ -149,3 +159,65 @@ def settle_study(session: Session, study_id: int, now: datetime | None = None) -
     else:
         study.delivered_at = now
         set_state(session, study, StudyState.DELIVERED, None, now)
+
+
+@dataclass(frozen=True)
+class DestinationCounts:
+    pending: int
+    dead: int
+
+
+def counts_by_destination(session: Session) -> dict[str, DestinationCounts]:
+    """Pending and dead-lettered objects per destination (the admin page shows them)."""
+    rows = session.execute(
+        select(Delivery.destination, Delivery.state, func.count())
+        .where(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.DEAD]))
+        .group_by(Delivery.destination, Delivery.state)
+    ).all()
+    out: dict[str, dict[str, int]] = {}
+    for dest, state, n in rows:
+        out.setdefault(dest, {})[state] = int(n)
+    return {
+        d: DestinationCounts(c.get(DeliveryState.PENDING, 0), c.get(DeliveryState.DEAD, 0))
+        for d, c in out.items()
+    }
+
+
+def requeue_dead(
+    session: Session,
+    *,
+    destination: str | None = None,
+    study_uid: str | None = None,
+    now: datetime | None = None,
+) -> int:
+    """Give dead-lettered deliveries a fresh budget, e.g. once a PACS outage is fixed.
+
+    Only current results are resent (a superseded object is never dead, it is SUPERSEDED);
+    the same SOP Instance UIDs go out again. A study that FAILED because of these
+    deliveries goes back to SCORED, and the delivery sweep settles it as usual.
+    """
+    now = now or utcnow()
+    query = (
+        select(Delivery)
+        .join(Result, Result.id == Delivery.result_id)
+        .where(Delivery.state == DeliveryState.DEAD, Result.superseded.is_(False))
+    )
+    if destination is not None:
+        query = query.where(Delivery.destination == destination)
+    if study_uid is not None:
+        query = query.join(Study, Study.id == Delivery.study_id).where(
+            Study.study_instance_uid == study_uid
+        )
+    dead = session.scalars(query.with_for_update()).all()
+    studies: set[int] = set()
+    for d in dead:
+        d.state = DeliveryState.PENDING
+        d.attempts = 0
+        d.next_attempt_at = now
+        d.last_error = f"requeued after: {d.last_error or 'dead letter'}"[:500]
+        studies.add(d.study_id)
+    for study_id in studies:
+        study = session.get(Study, study_id)
+        if study is not None and study.state == StudyState.FAILED:
+            set_state(session, study, StudyState.SCORED, "deliveries requeued", now)
+    return len(dead)
