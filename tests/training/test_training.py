@@ -242,3 +242,12 @@ def test_torchrun_ranks_train_one_model(tmp_path: Path) -> None:
     torch.manual_seed(100)
     assert not torch.equal(a["weight"], torch.nn.Linear(8, 1).weight)  # it did train
     assert (tmp_path / "run" / "done.json").exists()
+
+
+def test_training_threads_leave_one_core_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triaged.training import retrain as rt
+
+    for cores, expected in (({0}, 1), ({0, 1}, 1), (set(range(8)), 7)):
+        monkeypatch.setattr(rt.os, "sched_getaffinity", lambda _pid, c=cores: c)
+        assert rt.training_threads(0) == expected
+    assert rt.training_threads(3) == 3  # an explicit request wins

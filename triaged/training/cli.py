@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-test", action="store_true",
                         help="score the test split once at the end (never used to select)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (0 = default)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default 0 = all cores but one, "
+                        "so a retrain beside the daemon does not stall)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
