@@ -251,3 +251,18 @@ def test_training_threads_leave_one_core_free(monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(rt.os, "sched_getaffinity", lambda _pid, c=cores: c)
         assert rt.training_threads(0) == expected
     assert rt.training_threads(3) == 3  # an explicit request wins
+
+
+def test_explicit_flags_override_cheap_settings() -> None:
+    import argparse
+
+    from triaged.training import cli as tcli
+
+    p = argparse.ArgumentParser()
+    tcli.add_arguments(p)
+    args = p.parse_args(["--data", "covid-ct:/x", "--cheap", "--input-size", "224",
+                         "--epochs", "16", "--lr-step", "12"])
+    opts = tcli.options_from_args(args)
+    f = opts.fusion
+    assert (f["input_size"], f["epochs"], f["lr_step"], f["batch_size"]) == (224, 16, 12, 16)
+    assert opts.semi["input_size"] == 128  # the rest of --cheap stays

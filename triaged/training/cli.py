@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="epochs per fusion stage (default 50)")
     parser.add_argument("--input-size", type=int, help="fusion input size (default 224)")
     parser.add_argument("--batch-size", type=int, help="fusion batch size (default 32)")
+    parser.add_argument("--lr-step", type=int,
+                        help="fusion stages: learning rate x0.1 after this many epochs "
+                        "(default 30)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--cheap", action="store_true",
                         help="reduced sizes/epochs that fit a 2-core CPU (docs/training.md)")
@@ -56,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-test", action="store_true",
                         help="score the test split once at the end (never used to select)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default 0 = all cores but one, "
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default 0 = all cores but one, "
                         "so a retrain beside the daemon does not stall)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
@@ -72,7 +76,7 @@ def options_from_args(args: argparse.Namespace, settings: Any = None) -> Any:
         fusion.update(CHEAP_CPU["fusion"])
         semi.update(CHEAP_CPU["semi"])
     for flag, key in (("epochs", "epochs"), ("input_size", "input_size"),
-                      ("batch_size", "batch_size")):
+                      ("batch_size", "batch_size"), ("lr_step", "lr_step")):
         if getattr(args, flag) is not None:
             fusion[key] = getattr(args, flag)
     if args.data:
