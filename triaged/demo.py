@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import shutil
 import socket
@@ -100,6 +101,8 @@ def ensure_model(store_dir: Path, run_dir: Path, size: DemoSize) -> str:
         run_dir=run_dir,
         promote=True,
         progress=False,
+        # every core: the demo trains before its daemon starts, so nothing competes
+        threads=os.cpu_count() or 1,
     )
     result = retrain(opts)
     return "; ".join(result.messages[-3:]) or f"trained in {result.run_dir}"
