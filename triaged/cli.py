@@ -142,11 +142,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         set(counts) - {d.name for d in settings.destinations}
     )
     rows = [
-        {
-            "destination": n,
-            "pending": counts[n].pending if n in counts else 0,
-            "dead": counts[n].dead if n in counts else 0,
-        }
+        {"destination": n, **asdict(counts.get(n, deliveries.DestinationCounts()))}
         for n in names
     ]
     if args.json:

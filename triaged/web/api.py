@@ -9,6 +9,7 @@ data).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -276,10 +277,9 @@ def post_rollback(name: str, body: RollbackIn, request: Request, c: Ctx,
 def destinations(c: WebContext) -> list[DestinationOut]:
     with Session(c.engine) as s:
         counts = deliveries.counts_by_destination(s)
-    none = deliveries.DestinationCounts(0, 0)
     return [DestinationOut(name=d.name, ae_title=d.ae_title, host=d.host, port=d.port,
-                           tls=d.tls is not None, pending=counts.get(d.name, none).pending,
-                           dead=counts.get(d.name, none).dead)
+                           tls=d.tls is not None,
+                           **asdict(counts.get(d.name, deliveries.DestinationCounts())))
             for d in c.settings.destinations]
 
 

@@ -7,6 +7,7 @@ Forms post with the session's CSRF token and redirect afterwards (post/redirect/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
@@ -205,20 +206,29 @@ def rollback_form(name: str, request: Request, c: Ctx, who: AdminWriter,
     return _admin_action(c, request, who, lambda: api.rollback(c, request, who, name, reason))
 
 
-@router.post("/admin/destinations/{name}/retry", response_class=HTMLResponse)
-def retry_form(name: str, request: Request, c: Ctx, who: AdminWriter) -> HTMLResponse:
+def _destination_action(c: WebContext, request: Request, who: LoginSession,
+                        fn: Callable[[], tuple[bool, str]]) -> HTMLResponse:
+    """Run a destination action and show its outcome (or the refusal) on the admin page."""
     try:
-        out = api.retry_dead(c, request, who, name)
+        message = fn()
     except HTTPException as exc:
         return _admin_page(c, request, who, (False, str(exc.detail)), exc.status_code)
-    return _admin_page(c, request, who,
-                       (True, f"{name}: {out.requeued} dead-lettered object(s) requeued"))
+    return _admin_page(c, request, who, message)
+
+
+@router.post("/admin/destinations/{name}/retry", response_class=HTMLResponse)
+def retry_form(name: str, request: Request, c: Ctx, who: AdminWriter) -> HTMLResponse:
+    def run() -> tuple[bool, str]:
+        out = api.retry_dead(c, request, who, name)
+        return True, f"{name}: {out.requeued} dead-lettered object(s) requeued"
+
+    return _destination_action(c, request, who, run)
 
 
 @router.post("/admin/destinations/{name}/echo", response_class=HTMLResponse)
 def echo_form(name: str, request: Request, c: Ctx, who: AdminWriter) -> HTMLResponse:
-    try:
+    def run() -> tuple[bool, str]:
         out = api.echo(c, request, who, name)
-    except HTTPException as exc:
-        return _admin_page(c, request, who, (False, str(exc.detail)), exc.status_code)
-    return _admin_page(c, request, who, (out.ok, f"C-ECHO {name}: {out.message}"))
+        return out.ok, f"C-ECHO {name}: {out.message}"
+
+    return _destination_action(c, request, who, run)

@@ -163,8 +163,8 @@ def settle_study(session: Session, study_id: int, now: datetime | None = None) -
 
 @dataclass(frozen=True)
 class DestinationCounts:
-    pending: int
-    dead: int
+    pending: int = 0
+    dead: int = 0
 
 
 def counts_by_destination(session: Session) -> dict[str, DestinationCounts]:
