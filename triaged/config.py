@@ -80,12 +80,23 @@ class AssemblySettings(_Section):
     sweep_seconds: float = Field(default=2.0, gt=0)
 
 
+class DestinationTLS(TLSSettings):
+    """TLS to a destination: ``ca`` (else the system trust store) verifies the PACS.
+
+    The PACS certificate must also name ``host`` (DNS or IP subject alternative name);
+    ``verify_hostname = false`` accepts any certificate that chains to the trust anchors,
+    for a PACS whose certificate does not carry the name it is reached by.
+    """
+
+    verify_hostname: bool = True
+
+
 class Destination(_Section):
     name: str = Field(min_length=1)
     ae_title: str = Field(min_length=1, max_length=16)
     host: str
     port: int = Field(ge=1, le=65535)
-    tls: TLSSettings | None = None
+    tls: DestinationTLS | None = None
 
 
 class DeliverySettings(_Section):

@@ -31,8 +31,8 @@ from triaged.scheduler import (
     retention_sweep,
     run_retrain,
 )
-from triaged.worker import StudyProcessor, Worker, release_dead_local_leases
-from triaged.worklist import db
+from triaged.worker import StudyProcessor, Worker, owner_name, release_dead_local_leases
+from triaged.worklist import db, deliveries
 
 log = logging.getLogger("triaged.service")
 
@@ -64,6 +64,9 @@ class Service:
         released = release_dead_local_leases(self.engine, pid_alive)
         if released:
             log.info("%d job(s) of a dead worker on this host queued again", released)
+        resend = deliveries.release_dead_local_claims(self.engine, pid_alive)
+        if resend:
+            log.info("%d delivery claim(s) of a dead process on this host due again", resend)
         self.scp.start()
         self._on_stop.append(self.scp.shutdown)
         s = self.settings
@@ -90,11 +93,12 @@ class Service:
                 lambda: run_retrain(s.retrain.args, s.path),
             )
         if s.destinations:
+            sender = owner_name()
             add_interval(
                 self.scheduler,
                 "delivery",
                 DELIVERY_SWEEP_SECONDS,
-                lambda: deliver_due(self.engine, s),
+                lambda: deliver_due(self.engine, s, sender),
             )
         self.scheduler.start()
         self._on_stop.append(lambda: self.scheduler.shutdown(wait=False))

@@ -1,13 +1,17 @@
 """Deliveries of result objects: queueing, leased claims, backoff and the dead letter.
 
 A delivery is one object to one destination. Claims work like job leases: a claimed
-delivery's ``next_attempt_at`` moves past the lease, so a sender that dies simply lets it
-come due again, and a resend carries the same SOP Instance UID (no duplicate in the PACS).
+delivery's ``next_attempt_at`` moves past the lease and ``lease_owner`` names the sender,
+so a sender that dies lets it come due again (at once when a new process on the same host
+finds the sender's pid gone, see ``release_dead_local_claims``), and a resend carries the
+same SOP Instance UID (no duplicate in the PACS).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -81,9 +85,13 @@ def queue(
 
 
 def claim_due(
-    engine: Engine, lease_seconds: float, limit: int = 50, now: datetime | None = None
+    engine: Engine,
+    lease_seconds: float,
+    owner: str | None = None,
+    limit: int = 50,
+    now: datetime | None = None,
 ) -> list[DueDelivery]:
-    """Take the deliveries that are due, leasing them to this sender."""
+    """Take the deliveries that are due, leasing them to ``owner`` (host:pid:tag)."""
     now = now or utcnow()
     bind = engine
     if engine.dialect.name == "sqlite":
@@ -99,6 +107,7 @@ def claim_due(
         out = []
         for d in rows:
             d.next_attempt_at = now + timedelta(seconds=lease_seconds)
+            d.lease_owner = owner
             out.append(DueDelivery(d.id, d.study_id, d.destination, d.path, d.attempts))
         return out
 
@@ -121,6 +130,7 @@ def record_outcome(
     if d is None or d.state != DeliveryState.PENDING:
         return d.state if d else DeliveryState.SUPERSEDED
     d.attempts += 1
+    d.lease_owner = None
     d.last_error = None if delivered else detail[:500]
     if delivered:
         d.state = DeliveryState.DELIVERED
@@ -135,6 +145,37 @@ def record_outcome(
         delay = min(backoff_seconds * 2 ** (d.attempts - 1), backoff_max_seconds)
         d.next_attempt_at = now + timedelta(seconds=delay)
     return d.state
+
+
+def release_dead_local_claims(
+    engine: Engine, is_alive: Callable[[int], bool], now: datetime | None = None
+) -> int:
+    """At start-up: deliveries claimed by a dead process of this host are due again at once.
+
+    Without this they would wait out the claim's lease after a crash. Other hosts'
+    claims are left to expire (their processes may be alive).
+    """
+    now = now or utcnow()
+    host = socket.gethostname()
+    released = 0
+    with Session(engine) as s, s.begin():
+        claimed = s.scalars(
+            select(Delivery).where(
+                Delivery.state == DeliveryState.PENDING, Delivery.lease_owner.is_not(None)
+            )
+        ).all()
+        for d in claimed:
+            owner_host, _, rest = str(d.lease_owner).partition(":")
+            pid_text = rest.split(":", 1)[0]
+            if owner_host != host or not pid_text.isdigit():
+                continue
+            pid = int(pid_text)
+            if pid == os.getpid() or is_alive(pid):
+                continue
+            d.lease_owner = None
+            d.next_attempt_at = now
+            released += 1
+    return released
 
 
 def settle_study(session: Session, study_id: int, now: datetime | None = None) -> None:

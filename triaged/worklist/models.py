@@ -247,6 +247,8 @@ class Delivery(Base):
     state: Mapped[str] = mapped_column(String(16), nullable=False)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     next_attempt_at: Mapped[datetime | None] = _ts_null()
+    # the sending process (host:pid:tag) while a claim is out; see deliveries.claim_due
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[datetime | None] = _ts_null()
     created_at: Mapped[datetime] = _ts()
