@@ -6,6 +6,8 @@ result object holds, only that it is a DICOM file (or why it is not).
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,19 +28,24 @@ from triaged.worklist.models import Delivery, Job, JobState, Result, Study, Stud
 
 
 class Peer:
-    """dcmtk storescp (optionally with TLS): every received object becomes its own file."""
+    """dcmtk storescp: every received object becomes its own file; ``extra`` are options
+    (TLS, ``--sleep-after``)."""
 
-    def __init__(self, root: Path, tls: tuple[str, ...] = ()) -> None:
+    def __init__(self, root: Path, extra: tuple[str, ...] = ()) -> None:
         self.dir = root
         self.dir.mkdir(parents=True)
         self.port = free_port()
         self.proc = subprocess.Popen(
-            ["storescp", "-aet", "PACS", "+uf", "-od", str(self.dir), *tls, str(self.port)],
+            ["storescp", "-aet", "PACS", "+uf", "-od", str(self.dir), *extra, str(self.port)],
             env=DCMTK_ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         wait_listening(self.port)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def uids(self) -> list[str]:
         return sorted(
@@ -48,6 +55,8 @@ class Peer:
         )
 
     def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)  # a test may have paused it
         self.proc.terminate()
         self.proc.wait(10)
 
@@ -56,8 +65,8 @@ class Peer:
 def peers(tmp_path: Path) -> Iterator[Any]:
     made: list[Peer] = []
 
-    def make(tls: tuple[str, ...] = ()) -> Peer:
-        peer = Peer(tmp_path / f"peer{len(made)}", tls)
+    def make(extra: tuple[str, ...] = ()) -> Peer:
+        peer = Peer(tmp_path / f"peer{len(made)}", extra)
         made.append(peer)
         return peer
 
