@@ -249,3 +249,20 @@ def test_tls_certificate_naming_the_host_is_accepted(
     assert (result.outcome, result.detail) == (export.Outcome.DELIVERED, "status 0x0000")
     assert export.echo(dest, "TRIAGED") == (True, "C-ECHO succeeded")
     assert peer.uids() == [str(pydicom.dcmread(one_object).SOPInstanceUID)]
+
+
+def test_verify_hostname_is_a_destination_option_only(tmp_path: Path) -> None:
+    from triaged.config import ConfigError, from_dict
+
+    tls = {"cert": "c.crt", "key": "c.key", "verify_hostname": False}
+    dest = {"name": "pacs", "ae_title": "PACS", "host": "pacs.local", "port": 104}
+    settings = from_dict({"destinations": [{**dest, "tls": tls}]}, tmp_path, environ={})
+    (parsed,) = settings.destinations
+    assert parsed.tls is not None and parsed.tls.verify_hostname is False
+    assert parsed.tls.cert == tmp_path / "c.crt"  # still anchored at the config's folder
+    default = from_dict({"destinations": [{**dest, "tls": {"cert": "c", "key": "k"}}]},
+                        tmp_path, environ={})
+    assert default.destinations[0].tls is not None
+    assert default.destinations[0].tls.verify_hostname is True
+    with pytest.raises(ConfigError, match=r"unknown key 'dicom\.tls\.verify_hostname'"):
+        from_dict({"dicom": {"tls": tls}}, tmp_path, environ={})
