@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from triaged.dicom.spool import valid_uid
 from triaged.worklist.studies import InstanceMeta
@@ -98,7 +98,10 @@ CHUNK = 1024 * 1024
 UNDEFINED = 0xFFFFFFFF
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 _ITEM, _SEQ_END = 0xFFFEE000, 0xFFFEE0DD
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+#: explicit VRs with a 4-byte length (PS3.5 7.1.2)
+_LONG_VRS = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
 
 
 def _check_values(ds: Dataset, size: int) -> None:
