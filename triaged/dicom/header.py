@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
@@ -202,7 +203,9 @@ def _inflate(src: BinaryIO, meta: FileMetaDataset, limit: int, scratch: Path) ->
         out.write(b"\0" * 128 + b"DICM")
         plain = copy.deepcopy(meta)
         plain.TransferSyntaxUID = ExplicitVRLittleEndian
-        write_file_meta_info(out, plain)
+        encoded = DicomBytesIO()
+        write_file_meta_info(encoded, plain)
+        out.write(encoded.getvalue())
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         total = 0
         while not inflater.eof:
