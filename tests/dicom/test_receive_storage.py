@@ -230,11 +230,19 @@ def test_full_disk_answers_a700_removes_the_partial_file_and_recovers(
     assert len(stored) == 1 and stored[0].stat().st_size > 40 * MB  # own file meta, same data
 
 
-def test_orphans_are_swept_while_running_and_a_folder_does_not_stop_startup(make_daemon):
-    d = make_daemon(dicom={"network_timeout": 1.0})
-    incoming = d.spool / ".incoming"
-    (incoming / "left-by-someone").mkdir(parents=True)
+def test_a_folder_in_the_incoming_area_does_not_stop_startup(make_daemon) -> None:
+    d = make_daemon()
+    folder = d.spool / ".incoming" / "left-by-someone"
+    folder.mkdir(parents=True)
+    (d.spool / ".incoming" / "old.dcm").write_bytes(b"partial")
     d.start()
+    assert folder.is_dir()  # not ours to delete
+    assert not (d.spool / ".incoming" / "old.dcm").exists()
+
+
+def test_orphans_are_swept_while_running(make_daemon) -> None:
+    d = make_daemon(dicom={"network_timeout": 1.0}).start()
+    incoming = d.spool / ".incoming"
     orphan = incoming / "rx-orphan.dcm"
     orphan.write_bytes(b"partial")
     hour_ago = time.time() - 3600
@@ -243,7 +251,6 @@ def test_orphans_are_swept_while_running_and_a_folder_does_not_stop_startup(make
     while orphan.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not orphan.exists(), "an orphaned temporary file stayed while the daemon ran"
-    assert (incoming / "left-by-someone").is_dir()
 
 
 def test_receiver_leaves_the_process_temporary_folder_alone(tmp_path: Path) -> None:
