@@ -170,7 +170,8 @@ def check_complete(ds: Dataset, fh: BinaryIO, size: int) -> None:
     """
     _check_values(ds, size)
     implicit, little = ds.original_encoding
-    found = _pixel_header(fh, bool(implicit), bool(little))
+    little = little is not False  # unknown: little endian, as every syntax received but one
+    found = _pixel_header(fh, bool(implicit), little)
     is_image = "Image Storage" in ds.SOPClassUID.name if "SOPClassUID" in ds else False
     if found is None:
         if "Rows" in ds or is_image:
@@ -178,7 +179,7 @@ def check_complete(ds: Dataset, fh: BinaryIO, size: int) -> None:
         return
     tag, length = found
     if length == UNDEFINED:
-        if _walk_fragments(fh, size, bool(little)) < 2:  # offset table + at least one
+        if _walk_fragments(fh, size, little) < 2:  # offset table + at least one
             raise BadInstance("truncated dataset: no pixel data fragments")
         return
     if fh.tell() + length > size:
