@@ -245,14 +245,13 @@ def read_meta(path: Path, max_bytes: int = 0) -> InstanceMeta:
         ts = meta.get("TransferSyntaxUID")
         if not ts:
             raise BadInstance("no transfer syntax in file meta")
-        with open(path, "rb") as fh:
-            if ts == DeflatedExplicitVRLittleEndian:
-                fh.seek(_dataset_offset(fh))
-                with _inflate(fh, meta, max_bytes, path.parent) as plain:
-                    ds = _parse(plain, os.fstat(plain.fileno()).st_size)
-            else:
-                ds = _parse(fh, os.fstat(fh.fileno()).st_size)
-        return meta_from_dataset(ds, str(ts))
+        with open(path, "rb") as fh:  # open while fields are read: skipped values load lazily
+            if ts != DeflatedExplicitVRLittleEndian:
+                return meta_from_dataset(_parse(fh, os.fstat(fh.fileno()).st_size), str(ts))
+            fh.seek(_dataset_offset(fh))
+            with _inflate(fh, meta, max_bytes, path.parent) as plain:
+                ds = _parse(plain, os.fstat(plain.fileno()).st_size)
+                return meta_from_dataset(ds, str(ts))
     except BadInstance:
         raise
     except Exception as err:  # pydicom raises many kinds on corrupt input
