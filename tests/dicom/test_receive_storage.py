@@ -287,3 +287,42 @@ def test_receiver_leaves_the_process_temporary_folder_alone(tmp_path: Path) -> N
     assert dimse_messages.NamedTemporaryFile is tempfile.NamedTemporaryFile
     with sa.create_engine(f"sqlite:///{tmp_path / 'w.db'}").connect() as c:
         assert c.execute(sa.text("SELECT count(*) FROM instances")).scalar() == 2
+
+
+def _largest(folder: Path) -> int:
+    sizes = [0]
+    for entry in os.scandir(folder):
+        try:
+            sizes.append(entry.stat().st_size)
+        except FileNotFoundError:
+            continue
+    return max(sizes)
+
+
+def test_transfer_cut_off_midway_leaves_no_file_behind(make_daemon, template, tmp_path) -> None:
+    """A peer that dies mid-dataset: its partial file is swept while the daemon keeps running."""
+    from tests.conftest import DCMTK_ENV, echoscu
+
+    big = big_instance(template, tmp_path / "big.dcm", frames=400)  # 200 MB
+    d = make_daemon(dicom={"network_timeout": 2.0}).start()
+    incoming = d.spool / ".incoming"
+    peer = subprocess.Popen(
+        ["storescu", "-aec", "TRIAGED", "127.0.0.1", str(d.port), str(big)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=DCMTK_ENV,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _largest(incoming) < 4 * MB:
+            time.sleep(0.02)
+    finally:
+        peer.kill()
+        peer.wait(10)
+    assert list(incoming.iterdir()), "the transfer should have been cut mid-way"
+    deadline = time.monotonic() + 60
+    while list(incoming.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(incoming.iterdir()) == [], "the partial file of the dead transfer stayed"
+    assert echoscu(d.port) == 0
+    assert not [p for p in d.spool.rglob("*.dcm") if ".incoming" not in p.parts]
