@@ -326,3 +326,11 @@ def test_transfer_cut_off_midway_leaves_no_file_behind(make_daemon, template, tm
     assert list(incoming.iterdir()) == [], "the partial file of the dead transfer stayed"
     assert echoscu(d.port) == 0
     assert not [p for p in d.spool.rglob("*.dcm") if ".incoming" not in p.parts]
+
+
+def test_no_room_to_inflate_is_out_of_resources(small_fs, template) -> None:
+    """Inflating needs scratch space next to the file: a full device is 0xA700, not 0xC000."""
+    packed = deflated_instance(template, small_fs / "packed.dcm", frames=256)  # 128 MB inflated
+    with pytest.raises(TooLarge, match="out of space"):
+        read_meta(packed, 1024 * MB)
+    assert [p.name for p in small_fs.iterdir()] == ["packed.dcm"]  # scratch left nothing

@@ -11,6 +11,7 @@ pydicom, which would inflate it in memory). The patient's name is deliberately n
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import struct
 import tempfile
@@ -34,7 +35,8 @@ class BadInstance(Exception):
 
 
 class TooLarge(BadInstance):
-    """The dataset is bigger than ``[storage] max_instance_mb`` (on the wire or inflated)."""
+    """Bigger than ``[storage] max_instance_mb`` (on the wire or inflated) or than the free
+    space: the SCP's resources, not the data, are at fault, so the answer is 0xA700."""
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
@@ -224,6 +226,11 @@ def _inflate(src: BinaryIO, meta: FileMetaDataset, limit: int, scratch: Path) ->
     except zlib.error as err:
         out.close()
         raise BadInstance(f"cannot inflate dataset: {err}"[:120]) from None
+    except OSError as err:
+        out.close()
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TooLarge("out of space: no room to inflate the dataset") from None
+        raise
     except BaseException:
         out.close()
         raise
