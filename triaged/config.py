@@ -60,6 +60,9 @@ class StorageSettings(_Section):
     spool_dir: Path = Path("var/spool")
     results_dir: Path = Path("var/results")
     min_free_mb: int = Field(default=1024, ge=0)
+    max_instance_mb: int = Field(
+        default=1024, ge=0, description="largest instance taken, on the wire or inflated; 0 = any"
+    )
     retention_days: int = Field(default=0, ge=0, description="0 keeps studies forever")
 
 

@@ -38,6 +38,7 @@ log = logging.getLogger("triaged.service")
 
 DELIVERY_SWEEP_SECONDS = 2.0
 RETENTION_SWEEP_SECONDS = 3600.0
+INCOMING_SWEEP_SECONDS = 300.0
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Service:
     def __post_init__(self) -> None:
         s = self.settings
         self.engine = db.make_engine(s.database.url)
-        self.spool = Spool(s.storage.spool_dir, s.storage.min_free_mb)
+        self.spool = Spool(s.storage.spool_dir, s.storage.min_free_mb, s.storage.max_instance_mb)
         self.scp = StoreSCP(s.dicom, self.spool, self.engine)
         self.scheduler = make_scheduler()
 
@@ -100,6 +101,15 @@ class Service:
                 DELIVERY_SWEEP_SECONDS,
                 lambda: deliver_due(self.engine, s, sender),
             )
+        # a transfer cut off mid-way leaves its temporary file: remove it while running
+        # (not only at the next start), once no association can still be writing it
+        timeout = s.dicom.network_timeout
+        add_interval(
+            self.scheduler,
+            "incoming",
+            min(timeout, INCOMING_SWEEP_SECONDS),
+            lambda: self.scp.receiver.sweep(timeout),
+        )
         self.scheduler.start()
         self._on_stop.append(lambda: self.scheduler.shutdown(wait=False))
         self.start_workers()

@@ -54,7 +54,7 @@ def reconcile(spool: Spool, engine: Engine) -> ReconcileReport:
         if f.sop_instance_uid in known:
             continue
         try:
-            meta = read_meta(f.path)
+            meta = read_meta(f.path, spool.max_instance_bytes)
         except BadInstance as err:
             unreadable += 1
             log.warning("spooled file %s unreadable: %s", f.path, err)

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import socket
 import ssl
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ from sqlalchemy.orm import Session
 
 from triaged.config import DicomSettings, TLSSettings
 from triaged.dicom import reactor
-from triaged.dicom.header import BadInstance, read_meta
+from triaged.dicom.header import BadInstance, TooLarge, read_meta
+from triaged.dicom.incoming import Receiver, install, uninstall
 from triaged.dicom.spool import OutOfSpace, Spool, SpoolError
 from triaged.worklist.models import AssociationState
 from triaged.worklist.studies import (
@@ -127,6 +127,7 @@ class StoreSCP:
         self.instances_failed = 0
         self._ids = IdCache()
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-sync")
+        self.receiver = Receiver(spool, spool.max_instance_bytes)
 
     # -- application entity -------------------------------------------------------
     def build_ae(self) -> AE:
@@ -159,10 +160,10 @@ class StoreSCP:
 
     def start(self) -> ThreadedAssociationServer:
         """Listen in background threads; returns the server (``shutdown()`` stops it)."""
-        # Chunked receive writes each dataset to a NamedTemporaryFile: put those on the
-        # spool's filesystem so that committing is a link, not a copy.
+        # Chunked receive writes each dataset to a file of our receiver: on the spool's
+        # filesystem (committing is a link, not a copy), without touching tempfile.tempdir.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(self.spool.incoming)
+        install(self.receiver)
         reactor.install()
         ctx = server_tls_context(self.settings.tls) if self.settings.tls else None
         ae = self.build_ae()
@@ -199,6 +200,7 @@ class StoreSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        uninstall(self.receiver)
         self._io.shutdown(wait=True)
 
     # -- association bookkeeping --------------------------------------------------
@@ -293,6 +295,9 @@ class StoreSCP:
         request = cast(C_STORE, event.request)
         req_uid = str(request.AffectedSOPInstanceUID or "")
         temp = Path(event.dataset_path)
+        dropped = self.receiver.failure(temp)
+        if dropped:  # disk full, free space low or too large while it arrived
+            return self._fail(st, OUT_OF_RESOURCES, dropped, req_uid)
         try:
             self.spool.check_space()
         except OutOfSpace as err:
@@ -301,12 +306,15 @@ class StoreSCP:
         # database write; Success still waits for both and for the durable name.
         synced = self._io.submit(self.spool.sync, temp)
         try:
-            meta = read_meta(temp)
+            meta = read_meta(temp, self.spool.max_instance_bytes)
             if req_uid and meta.sop_instance_uid != req_uid:
                 raise BadInstance("invalid: SOP Instance UID differs from request")
             self.spool.path_for(
                 meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
             )
+        except TooLarge as err:
+            synced.exception()
+            return self._fail(st, OUT_OF_RESOURCES, str(err), req_uid)
         except (BadInstance, SpoolError) as err:
             synced.exception()
             ids_bad = str(err).startswith(("missing", "invalid", "not a valid"))

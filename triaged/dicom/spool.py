@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from pathlib import Path
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 INCOMING = ".incoming"
 MB = 1024 * 1024
+
+log = logging.getLogger("triaged.spool")
 
 
 class SpoolError(Exception):
@@ -56,9 +59,11 @@ class SpooledFile:
 class Spool:
     """``<root>/<study>/<series>/<sop>.dcm`` plus ``<root>/.incoming`` for temporary files."""
 
-    def __init__(self, root: Path, min_free_mb: int) -> None:
+    def __init__(self, root: Path, min_free_mb: int, max_instance_mb: int = 0) -> None:
         self.root = root
         self.min_free_bytes = min_free_mb * MB
+        #: 0 = no limit; otherwise the largest dataset taken, on the wire or inflated
+        self.max_instance_bytes = max_instance_mb * MB
         self.incoming = root / INCOMING
         self.incoming.mkdir(parents=True, exist_ok=True)
 
@@ -173,9 +178,16 @@ class Spool:
                         yield SpooledFile(study.name, series.name, f.stem, f)
 
     def clear_incoming(self) -> int:
-        """Remove temp files of transfers that never completed (never acknowledged)."""
+        """Remove temp files of transfers that never completed (never acknowledged).
+
+        Only files (and symlinks) are removed: a folder someone left here is not ours to
+        delete and must not stop start-up.
+        """
         n = 0
         for f in self.incoming.iterdir():
+            if f.is_dir() and not f.is_symlink():
+                log.warning("a folder in the incoming area is left alone: %s", f)
+                continue
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
                 n += 1
