@@ -44,12 +44,12 @@ from triaged.worklist.models import (
     StudyState,
     utcnow,
 )
+from triaged.worklist.result_details import ResultDetails
 from triaged.worklist.web_models import AuditEntry, Feedback
 
 DELIVERY_FAILED = "DELIVERY_FAILED"
 STATE_FILTERS = [*(s.value for s in StudyState), DELIVERY_FAILED]
 IMAGE_KINDS = ("heatmap", "infected")
-DEFAULT_THRESHOLD = 0.5
 
 
 class NotFound(LookupError):
@@ -242,39 +242,35 @@ def study_revision(session: Session, uid: str) -> tuple[str, str]:
     return str(study.state), digest
 
 
-def _threshold(details: dict[str, Any]) -> float:
-    t = details.get("threshold")
-    return float(t) if isinstance(t, (int, float)) and 0 <= t <= 1 else DEFAULT_THRESHOLD
-
-
 def image_path(result: Result, kind: str) -> Path | None:
     """The PNG the worker wrote for ``kind`` (``details["images"]``), if it is there."""
-    images = result.details.get("images") if isinstance(result.details, dict) else None
-    if kind not in IMAGE_KINDS or not isinstance(images, dict):
+    if kind not in IMAGE_KINDS:
         return None
-    p = images.get(kind)
-    if not isinstance(p, str) or not p:
+    p = ResultDetails.load(result.details).images.get(kind)
+    if not p:
         return None
     path = Path(p)
     return path if path.suffix.lower() == ".png" and path.is_file() else None
 
 
 def _result_out(result: Result, image_url: Callable[[str], str]) -> ResultOut:
-    details = result.details if isinstance(result.details, dict) else {}
-    sr = details.get("sr_text")
+    details = ResultDetails.load(result.details)
+    scores = [float(p) for p in (result.slice_probabilities or [])]
     return ResultOut(
         pipeline=result.pipeline,
         series_instance_uid=result.series_instance_uid,
         fusion_probability=result.fusion_probability,
         cbam_probability=result.cbam_probability,
-        threshold=_threshold(details),
+        threshold=details.threshold,
         flag=result.flag,
         priority=result.priority,
         models=dict(result.models or {}),
-        slice_probabilities=[float(p) for p in (result.slice_probabilities or [])],
+        slice_probabilities=scores,
+        slice_indices=details.slice_indices,
         key_slice=result.key_slice,
+        key_slice_position=details.plot_position(result.key_slice, len(scores)),
         timings={k: float(v) for k, v in (result.timings or {}).items()},
-        sr_text=[str(x) for x in sr] if isinstance(sr, list) else [],
+        sr_text=details.sr_text,
         images={k: (image_url(k) if image_path(result, k) else None) for k in IMAGE_KINDS},
         created_at=result.created_at.isoformat(),
     )
