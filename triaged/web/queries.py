@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import ColumnElement, Engine, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from triaged.config import WebSettings
@@ -45,6 +45,7 @@ from triaged.worklist.models import (
     utcnow,
 )
 from triaged.worklist.result_details import ResultDetails
+from triaged.worklist.studies import reading_order
 from triaged.worklist.web_models import AuditEntry, Feedback
 
 DELIVERY_FAILED = "DELIVERY_FAILED"
@@ -176,27 +177,23 @@ def _items(session: Session, studies: list[Study], now: datetime) -> list[StudyI
 
 
 def worklist(session: Session, f: WorklistFilter, now: datetime | None = None) -> list[StudyItem]:
-    """Studies in reading order: triage priority first, then the longest waiting.
-
-    The order is the one of ``triaged.worklist.studies.list_studies`` (and the CLI).
-    """
+    """Studies in reading order (``triaged.worklist.studies.reading_order``), filtered."""
     now = now or utcnow()
-    q = select(Study)
+    where: list[ColumnElement[bool]] = []
     if f.state == DELIVERY_FAILED:
         dead = select(Delivery.study_id).where(Delivery.state == DeliveryState.DEAD)
-        q = q.where(Study.id.in_(dead))
+        where.append(Study.id.in_(dead))
     elif f.state:
-        q = q.where(Study.state == f.state)
+        where.append(Study.state == f.state)
     if f.min_priority is not None:
-        q = q.where(Study.priority >= f.min_priority)
+        where.append(Study.priority >= f.min_priority)
     if f.flagged is not None:
-        q = q.where(Study.flag.is_(f.flagged))
+        where.append(Study.flag.is_(f.flagged))
     if f.date_from:
-        q = q.where(Study.study_date >= f.date_from.replace("-", ""))
+        where.append(Study.study_date >= f.date_from.replace("-", ""))
     if f.date_to:
-        q = q.where(Study.study_date <= f.date_to.replace("-", ""))
-    q = q.order_by(Study.priority.desc(), Study.first_received_at.asc(), Study.id.asc())
-    studies = list(session.scalars(q.limit(f.limit)))
+        where.append(Study.study_date <= f.date_to.replace("-", ""))
+    studies = list(session.scalars(reading_order(where, f.limit)))
     return _items(session, studies, now)
 
 
