@@ -225,6 +225,45 @@ def test_study_plot_uses_scored_positions_and_the_pipeline_threshold(web: Web,
     assert (res["key_slice"], res["key_slice_position"]) == (23, 3)
 
 
+def test_study_page_plots_what_the_worker_wrote(web: Web, seed: Seed, tmp_path: Path) -> None:
+    """Scored by the real path the worker takes (8 of 24 slices selected, threshold 0.3):
+    the page marks the key slice among the scored slices and draws the pipeline's threshold."""
+    from tests.pipeline.conftest import make_pipeline, register_cbam, register_fusion
+    from triaged.pipeline.models import load_models
+    from triaged.pipeline.scoring import StudyScore, score_study
+    from triaged.processing import write_results
+    from triaged.synthetic import generate_study
+
+    torch.set_num_threads(1)
+    store = ModelStore(tmp_path / "models")
+    register_fusion(store, seed=0)
+    register_cbam(store)
+    pipeline = make_pipeline(priority={"sr_threshold": 0.3})
+    study = generate_study(tmp_path / "s", seed=5, positive=True, slices=24, size=64)
+    score = score_study(study.series_of_kind("axial").paths, pipeline,
+                        load_models(pipeline, store))
+    assert isinstance(score, StudyScore)
+    position = list(score.slice_indices).index(score.key_slice_index)
+    assert len(score.slice_indices) == 8 and position != score.key_slice_index
+    _, details, _ = write_results(score, tmp_path / "out", "t")
+    uid = seed(9, scored={"fusion": score.fusion_probability, "priority": score.priority})
+    with Session(web.engine) as s, s.begin():
+        s.execute(sa.update(Result).values(
+            details=details.to_json(), key_slice=score.key_slice_index,
+            slice_probabilities=list(score.fusion_slice_probabilities)))
+    svg = _plot(web.client("radiologist").get(f"/studies/{uid}").text)
+    line = svg.find(f"{SVG}polyline")
+    assert line is not None
+    xs = [float(p.split(",")[0]) for p in line.attrib["points"].split()]
+    lines = list(svg.iter(f"{SVG}line"))
+    key = next(e for e in lines if e.attrib.get("class") == "key")
+    assert float(key.attrib["x1"]) == pytest.approx(xs[position], abs=0.1)
+    grid = sorted(float(e.attrib["y1"]) for e in lines if e.attrib.get("class") == "grid")
+    thr = next(e for e in lines if e.attrib.get("class") == "threshold")
+    assert float(thr.attrib["y1"]) == pytest.approx(grid[-1] - 0.3 * (grid[-1] - grid[0]),
+                                                    abs=0.1)
+
+
 def test_result_details_of_the_previous_version_and_damaged_ones_load(web: Web,
                                                                       seed: Seed) -> None:
     uid = seed(8, scored={"fusion": 0.8, "flag": True, "priority": 50, "key": 12,
