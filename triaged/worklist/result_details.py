@@ -126,7 +126,7 @@ class ResultDetails(_Schema):
         return pos if pos < n_scores else None
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=False)
+        return self.model_dump(mode="json")
 
     @classmethod
     def load(cls, raw: object) -> ResultDetails:
