@@ -231,6 +231,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from triaged.pipeline.scoring import Skip
     from triaged.processing import group_by_study, processor_for, write_results
+    from triaged.worklist.result_details import ScoredStudy, SkippedStudy
 
     settings = _settings(args)
     _setup_logging("WARNING")
@@ -240,30 +241,31 @@ def cmd_score(args: argparse.Namespace) -> int:
     studies = group_by_study([Path(p) for p in args.paths])
     if not studies:
         raise UserError("no DICOM study found in the given paths")
-    report = []
+    report: list[ScoredStudy | SkippedStudy] = []
     for uid, files in studies.items():
         outcome = processor.score(files)
         if isinstance(outcome, Skip):
-            report.append({"study_instance_uid": uid, "state": "SKIPPED", "reason": outcome.reason})
+            report.append(SkippedStudy(study_instance_uid=uid, reason=outcome.reason))
             continue
-        entry = {"state": "SCORED", **outcome.to_dict()}
+        entry = ScoredStudy.model_validate(outcome.to_dict())
         if args.output:
             files_written, _, _ = write_results(outcome, Path(args.output) / uid, "offline")
-            entry["files"] = [str(f.path) for f in files_written]
+            entry.files = [str(f.path) for f in files_written]
         report.append(entry)
     if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        for r in report:
-            if r["state"] == "SKIPPED":
-                print(f"{r['study_instance_uid']}  SKIPPED  {r['reason']}")
-            else:
-                cbam = r["cbam_probability"]
-                print(
-                    f"{r['study_instance_uid']}  fusion {r['fusion_probability']:.3f}  "
-                    f"cbam {'-' if cbam is None else f'{cbam:.3f}'}  "
-                    f"priority {r['priority']}{'  FLAG' if r['flag'] else ''}"
-                )
+        print(json.dumps([r.to_json() if isinstance(r, ScoredStudy) else r.model_dump()
+                          for r in report], indent=1))
+        return 0
+    for r in report:
+        if isinstance(r, SkippedStudy):
+            print(f"{r.study_instance_uid}  SKIPPED  {r.reason}")
+            continue
+        cbam = r.cbam_probability
+        print(
+            f"{r.study_instance_uid}  fusion {r.fusion_probability:.3f}  "
+            f"cbam {'-' if cbam is None else f'{cbam:.3f}'}  "
+            f"priority {r.priority}{'  FLAG' if r.flag else ''}"
+        )
     return 0
 
 

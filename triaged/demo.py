@@ -26,6 +26,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.status import Status
 from sqlalchemy.orm import Session
 
 from triaged.config import Settings, from_dict
@@ -135,7 +136,7 @@ class ResultReceiver:
         study = self.folder / str(ds.StudyInstanceUID)
         study.mkdir(exist_ok=True)
         ds.save_as(study / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
-        return 0x0000
+        return Status.SUCCESS
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -158,7 +159,7 @@ def push(study: SyntheticStudy, port: int, called_ae: str) -> int:
     try:
         for f in files:
             status = assoc.send_c_store(f)
-            ok += int(getattr(status, "Status", -1) == 0)
+            ok += int(getattr(status, "Status", None) == Status.SUCCESS)
     finally:
         assoc.release()
     return ok

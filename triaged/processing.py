@@ -14,7 +14,6 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -28,6 +27,7 @@ from triaged.pipeline.models import LoadedModels, load_models
 from triaged.pipeline.scoring import Skip, StudyScore, score_study
 from triaged.registry import ModelStore, RegistryError
 from triaged.worker import ResultFile, Scored, Skipped
+from triaged.worklist.result_details import ObjectRef, ResultDetails, ScoreSummary
 
 log = logging.getLogger("triaged.processing")
 
@@ -80,7 +80,7 @@ def sr_text(score: StudyScore) -> list[str]:
 
 def write_results(
     score: StudyScore, out_dir: Path, result_key: str
-) -> tuple[list[ResultFile], dict[str, Any], dict[str, float]]:
+) -> tuple[list[ResultFile], ResultDetails, dict[str, float]]:
     """Build and write the SR/SC/SEG the pipeline asks for, plus PNG previews."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -103,18 +103,20 @@ def write_results(
     mask = score.infected_masks.get(key, np.zeros(hu.shape, dtype=bool))
     Image.fromarray(infected_overlay(hu, mask)).save(images["infected"])
     timings["write"] = time.perf_counter() - t0
-    details: dict[str, Any] = {
-        "images": images,
-        "sr_text": sr_text(score),
-        "summary": {k: v for k, v in score.to_dict().items() if k != "slices"},
-        "slice_indices": list(score.slice_indices),
-        "cbam_slice_probabilities": (
+    details = ResultDetails(
+        images=images,
+        sr_text=sr_text(score),
+        summary=ScoreSummary.model_validate(
+            {k: v for k, v in score.to_dict().items() if k != "slices"}
+        ),
+        slice_indices=list(score.slice_indices),
+        cbam_slice_probabilities=(
             None if score.cbam_slice_probabilities is None else list(score.cbam_slice_probabilities)
         ),
-        "objects": {
-            f.kind: {"sop_instance_uid": f.sop_instance_uid, "path": str(f.path)} for f in files
+        objects={
+            f.kind: ObjectRef(sop_instance_uid=f.sop_instance_uid, path=str(f.path)) for f in files
         },
-    }
+    )
     return files, details, timings
 
 

@@ -12,7 +12,6 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from types import FrameType
 
 from sqlalchemy import Engine
@@ -140,24 +139,13 @@ class Service:
         return export.echo(dest, self.settings.dicom.ae_title)
 
     def start_web(self) -> None:
-        web = self.settings.web
-        if not web.enabled:
-            return
         from triaged.registry import ModelStore
-        from triaged.web.app import create_app
-        from triaged.web.server import serve_in_thread
+        from triaged.web.server import start_web
 
-        app = create_app(
-            self.settings,
-            self.engine,
-            store=ModelStore(self.settings.models.store),
-            status=self.status,
-            echo=self.echo,
-            session_lifetime=timedelta(hours=web.session_hours),
-        )
-        server = serve_in_thread(app, web.bind, web.port, web.tls)
-        self._on_stop.append(server.stop)
-        log.info("web page on %s", server.url)
+        server = start_web(self.settings, self.engine, store=ModelStore(self.settings.models.store),
+                           status=self.status, echo=self.echo)
+        if server is not None:
+            self._on_stop.append(server.stop)
 
     def start_workers(self) -> None:
         """Run ``[worker] in_process`` scoring workers in threads of this process."""
@@ -177,9 +165,6 @@ class Service:
             t.start()
             self.workers.append(w)
             self._on_stop.append(w.stop.set)
-
-    def add_stop_hook(self, fn: Callable[[], None]) -> None:
-        self._on_stop.append(fn)
 
     def stop(self) -> None:
         self._stop.set()

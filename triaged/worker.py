@@ -16,18 +16,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import numpy as np
-from PIL import Image
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from triaged.config import Settings
 from triaged.worklist import deliveries, jobs
 from triaged.worklist.models import Job, JobState, Result, Study, StudyState, utcnow
+from triaged.worklist.result_details import ResultDetails
 from triaged.worklist.studies import set_state, study_files
 
 log = logging.getLogger("triaged.worker")
@@ -40,7 +39,6 @@ class Skipped:
     """The study cannot be scored (no eligible series, no live model, ...): say why."""
 
     reason: str
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ class Scored:
     priority: int
     flag: bool
     files: list[ResultFile]
-    details: dict[str, Any]
+    details: ResultDetails
 
 
 class StudyProcessor(Protocol):
@@ -78,12 +76,6 @@ class StudyProcessor(Protocol):
 
 def owner_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def save_png(rgb: np.ndarray, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
-    return str(path)
 
 
 class Worker:
@@ -204,7 +196,7 @@ class Worker:
                 timings={**outcome.timings, "total": total},
                 priority=outcome.priority,
                 flag=outcome.flag,
-                details=outcome.details,
+                details=outcome.details.to_json(),
                 superseded=False,
                 created_at=now,
             )

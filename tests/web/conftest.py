@@ -1,9 +1,9 @@
 """Fixtures of the web tests: an app over a fresh database, users, seeded studies.
 
 Studies, results, deliveries and images are created through the ORM exactly as the
-scoring worker will (``Result.details["images"]`` paths of PNGs written next to the
-result objects, ``details["sr_text"]`` lines), so the web code is tested against that
-contract without running a model.
+scoring worker will (``Result.details`` is a ``ResultDetails``: paths of PNGs written
+next to the result objects, SR text lines, the summary with the threshold), so the web
+code is tested against that contract without running a model.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from triaged.worklist.models import (
     StudyEvent,
     utcnow,
 )
+from triaged.worklist.result_details import ResultDetails, ScoreSummary
 from triaged.worklist.web_models import User
 
 RAD_PASSWORD = "reading-room-1"
@@ -176,7 +177,8 @@ def seed_study(
 ) -> str:
     """One study with series, instance files, events, and (``scored``) a result.
 
-    ``scored`` keys: fusion, cbam, flag, priority, slices, key, images (bool), sr.
+    ``scored`` keys: fusion, cbam, flag, priority, slices, key, images (bool), sr, threshold,
+    slice_indices (series position of each of ``slices``; ``key`` is a series position).
     ``deliveries``: (destination, kind, state, last_error).
     """
     uid = study_uid(n)
@@ -224,22 +226,24 @@ def _add_result(web: Web, s: Session, st: Study, series_uid: str, scored: Mappin
               started_at=st.completed_at, finished_at=done)
     s.add(job)
     s.flush()
-    details: dict[str, Any] = {
-        "sr_text": scored.get("sr", ["Finding: COVID-19 (SNOMED CT 840539006)",
-                                     f"Probability {scored.get('fusion', 0.5):.2f}"]),
-        "threshold": 0.5,
-    }
+    details = ResultDetails(
+        sr_text=scored.get("sr", ["Finding: COVID-19 (SNOMED CT 840539006)",
+                                  f"Probability {scored.get('fusion', 0.5):.2f}"]),
+        summary=ScoreSummary(threshold=scored.get("threshold", 0.5)),
+        slice_indices=scored.get("slice_indices"),
+    )
     if scored.get("images", True):
         folder = web.results / st.study_instance_uid
-        details["images"] = {"heatmap": str(png(folder / "heatmap.png", color=(230, 60, 30))),
-                             "infected": str(png(folder / "infected.png", color=(40, 200, 90)))}
+        details.images = {"heatmap": str(png(folder / "heatmap.png", color=(230, 60, 30))),
+                          "infected": str(png(folder / "infected.png", color=(40, 200, 90)))}
     flag = bool(scored.get("flag", False))
     slices = list(scored.get("slices", [0.1, 0.2, 0.7, 0.9, 0.4, 0.1]))
     r = Result(study_id=st.id, job_id=job.id, pipeline="covid-ct", series_instance_uid=series_uid,
                fusion_probability=scored.get("fusion"), cbam_probability=scored.get("cbam"),
                models={"fusion": "fusion:v1", "cbam": "cbam:v1"}, slice_probabilities=slices,
                key_slice=scored.get("key", int(np.argmax(slices))), timings={"score": 3.2},
-               priority=int(scored.get("priority", st.priority)), flag=flag, details=details,
+               priority=int(scored.get("priority", st.priority)), flag=flag,
+               details=details.to_json(),
                superseded=False, created_at=now)
     s.add(r)
     s.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ def audit_rows(web: Web) -> list[tuple[str | None, str, str | None, str | None]]
     with Session(web.engine) as s:
         return [(a.user_name, a.action, a.target, a.client)
                 for a in s.scalars(sa.select(AuditEntry).order_by(AuditEntry.id))]
+
+
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 def scenario(seed: Seed) -> dict[str, str]:
@@ -186,6 +190,116 @@ def test_study_page(web: Web, seed: Seed) -> None:
     assert "SKIPPED: no axial CT series" in skipped
     r = c.get("/studies/9.9.9")
     assert r.status_code == 404 and "No such study" in r.text
+
+
+def _plot(html: str) -> ET.Element:
+    start = html.index('<svg class="slice-plot"')
+    return ET.fromstring(html[start:html.index("</svg>", start) + len("</svg>")])
+
+
+def test_study_plot_uses_scored_positions_and_the_pipeline_threshold(web: Web,
+                                                                     seed: Seed) -> None:
+    """Six slices scored out of a 40-slice series: the key slice is series position 23,
+    the fourth scored slice; the pipeline's threshold is 0.3, not the default 0.5."""
+    probs = [0.1, 0.2, 0.7, 0.9, 0.4, 0.1]
+    uid = seed(7, scored={"fusion": 0.9, "flag": True, "priority": 90, "slices": probs,
+                          "slice_indices": [5, 11, 17, 23, 29, 35], "key": 23,
+                          "threshold": 0.3})
+    c = web.client("radiologist")
+    svg = _plot(c.get(f"/studies/{uid}").text)
+    line = svg.find(f"{SVG}polyline")
+    assert line is not None
+    pts = [tuple(map(float, p.split(","))) for p in line.attrib["points"].split()]
+    lines = list(svg.iter(f"{SVG}line"))
+    key = next(e for e in lines if e.attrib.get("class") == "key")
+    assert float(key.attrib["x1"]) == pytest.approx(pts[3][0], abs=0.1)
+    grid = sorted(float(e.attrib["y1"]) for e in lines if e.attrib.get("class") == "grid")
+    thr = next(e for e in lines if e.attrib.get("class") == "threshold")
+    assert float(thr.attrib["y1"]) == pytest.approx(grid[-1] - 0.3 * (grid[-1] - grid[0]),
+                                                    abs=0.1)
+    title = svg.find(f"{SVG}title")
+    assert title is not None and title.text is not None
+    assert "3 at or above 0.30" in title.text and title.text.endswith("key slice 24")
+    res = c.get(f"/api/studies/{uid}").json()["result"]
+    assert res["threshold"] == pytest.approx(0.3)
+    assert (res["key_slice"], res["key_slice_position"]) == (23, 3)
+
+
+def test_study_page_plots_what_the_worker_wrote(web: Web, seed: Seed, tmp_path: Path) -> None:
+    """Scored by the real path the worker takes (8 of 24 slices selected, threshold 0.3):
+    the page marks the key slice among the scored slices and draws the pipeline's threshold."""
+    from tests.pipeline.conftest import make_pipeline, register_cbam, register_fusion
+    from triaged.pipeline.models import load_models
+    from triaged.pipeline.scoring import StudyScore, score_study
+    from triaged.processing import write_results
+    from triaged.synthetic import generate_study
+
+    torch.set_num_threads(1)
+    store = ModelStore(tmp_path / "models")
+    register_fusion(store, seed=0)
+    register_cbam(store)
+    pipeline = make_pipeline(priority={"sr_threshold": 0.3})
+    study = generate_study(tmp_path / "s", seed=5, positive=True, slices=24, size=64)
+    score = score_study(study.series_of_kind("axial").paths, pipeline,
+                        load_models(pipeline, store))
+    assert isinstance(score, StudyScore)
+    position = list(score.slice_indices).index(score.key_slice_index)
+    assert len(score.slice_indices) == 8 and position != score.key_slice_index
+    _, details, _ = write_results(score, tmp_path / "out", "t")
+    uid = seed(9, scored={"fusion": score.fusion_probability, "priority": score.priority})
+    with Session(web.engine) as s, s.begin():
+        s.execute(sa.update(Result).values(
+            details=details.to_json(), key_slice=score.key_slice_index,
+            slice_probabilities=list(score.fusion_slice_probabilities)))
+    svg = _plot(web.client("radiologist").get(f"/studies/{uid}").text)
+    line = svg.find(f"{SVG}polyline")
+    assert line is not None
+    xs = [float(p.split(",")[0]) for p in line.attrib["points"].split()]
+    lines = list(svg.iter(f"{SVG}line"))
+    key = next(e for e in lines if e.attrib.get("class") == "key")
+    assert float(key.attrib["x1"]) == pytest.approx(xs[position], abs=0.1)
+    grid = sorted(float(e.attrib["y1"]) for e in lines if e.attrib.get("class") == "grid")
+    thr = next(e for e in lines if e.attrib.get("class") == "threshold")
+    assert float(thr.attrib["y1"]) == pytest.approx(grid[-1] - 0.3 * (grid[-1] - grid[0]),
+                                                    abs=0.1)
+
+
+def test_result_details_of_the_previous_version_and_damaged_ones_load(web: Web,
+                                                                      seed: Seed) -> None:
+    uid = seed(8, scored={"fusion": 0.8, "flag": True, "priority": 50, "key": 12,
+                          "slices": [0.2, 0.8, 0.3]})
+    folder = web.results / uid
+    old = {  # exactly what processing.write_results stored before the typed schema
+        "images": {"heatmap": str(folder / "heatmap.png"),
+                   "infected": str(folder / "infected.png")},
+        "sr_text": ["Finding: COVID-19 (SNOMED CT 840539006)"],
+        "summary": {"pipeline": "covid-ct:1", "threshold": 0.42, "positive": True,
+                    "model": {"name": "fusion", "version": "v1"}, "cbam_model": None,
+                    "key_slice": {"index": 12, "sop_instance_uid": "1.2.3"},
+                    "top_slices": [{"index": 12, "sop_instance_uid": "1.2.3"}],
+                    "infected_pixels": {"12": 40}, "outputs": ["sr"], "timings": {"a": 1.0}},
+        "slice_indices": [4, 12, 20],
+        "cbam_slice_probabilities": None,
+        "objects": {"SR": {"sop_instance_uid": "1.2.4", "path": "/x/SR.dcm"}},
+    }
+    c = web.client("radiologist")
+
+    def store(details: object) -> dict[str, Any]:
+        with Session(web.engine) as s, s.begin():
+            s.execute(sa.update(Result).values(details=details))
+        r = c.get(f"/api/studies/{uid}")
+        assert r.status_code == 200
+        assert c.get(f"/studies/{uid}").status_code == 200
+        result: dict[str, Any] = r.json()["result"]
+        return result
+
+    res = store(old)
+    assert res["threshold"] == pytest.approx(0.42) and res["key_slice_position"] == 1
+    assert res["images"]["heatmap"] and res["sr_text"] == old["sr_text"]
+    damaged = store({"images": 5, "sr_text": ["kept"], "summary": {"threshold": "high"}})
+    assert damaged["threshold"] == 0.5 and damaged["sr_text"] == ["kept"]
+    assert damaged["images"] == {"heatmap": None, "infected": None}
+    assert store(["not", "an", "object"])["sr_text"] == []
 
 
 def test_study_images(web: Web, seed: Seed) -> None:

@@ -1,6 +1,6 @@
 """Inf-Net (Fan et al., IEEE TMI 2020) on a ResNet50 backbone, its loss and its prediction.
 
-Re-implemented from the paper's description (NOTES.md): RFB-modified modules on x2..x4, a
+Re-implemented from the paper's description: RFB-modified modules on x2..x4, a
 parallel partial decoder giving the coarse map (lateral map 5), an edge branch on x1, and three
 reverse-attention stages (lateral maps 4, 3, 2; map 2 is the output). Resampling uses explicit
 target sizes instead of fixed scale factors so any input size works (paper: 352; tests: 64).
@@ -156,7 +156,7 @@ class InfNet(nn.Module):
         """Infection probability ``(B, 1, H, W)`` at the images' resolution.
 
         ``size``: run the network at ``size x size`` (e.g. 352) and resample back; threshold the
-        result at 0.5 for a mask (never min-max normalise it: see NOTES.md).
+        result at 0.5 for a mask (never min-max normalise it: a clear slice would get a mask).
         """
         h, w = images.shape[-2:]
         x = images if size is None or (h, w) == (size, size) else _resize(images, (size, size))

@@ -1,6 +1,6 @@
 """Left and right infected-region crops for the fusion model's infected branch.
 
-**choices** (NOTES.md): the infection mask is Inf-Net's raw sigmoid ``> 0.5``. The lung field is
+**choices** made here: the infection mask is Inf-Net's raw sigmoid ``> 0.5``. The lung field is
 a threshold of the windowed slice: pixels darker than the slice's Otsu threshold, minus the
 dark regions touching the image border (air outside the body), holes filled (vessels), small
 specks dropped; if that leaves nothing, the dark pixels are kept as they are. The image is

@@ -11,23 +11,14 @@ Names: ``fusion`` (:class:`triaged.nets.fusion.FusionNet`, params = ``FusionConf
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal
 
 from torch import nn
 
 from triaged.registry import Architecture, ModelVersion
 
 Init = Literal["random", "imagenet"] | str
-
-
-if TYPE_CHECKING:
-    from triaged.nets.fusion import FusionConfig
-
-
-def fusion_architecture(model: nn.Module) -> Architecture:
-    return Architecture(name="fusion", params=asdict(cast("FusionConfig", model.config)))
 
 
 def build_model(arch: Architecture | dict[str, Any]) -> nn.Module:

@@ -9,7 +9,7 @@ through a 256-entry lookup table (``mask_lut``) from stored byte value to target
 that one loader serves binary 0/255 masks, soft pseudo labels and MedSeg's per-slice
 rescaled multi-class masks alike.
 
-The readers here cover the layouts in ``/work/shared/data`` (see each SOURCE.md):
+The readers here cover the layouts of the public data sets as published:
 :func:`covid_ct` (COVID-CT with the official Data-split files), :func:`covid_semiseg`
 (COVID-SemiSeg: doctor-labelled, unlabelled pool, test) and :func:`medseg_png` (the MedSeg
 100-slice PNG export). DICOM manifests and worklist label exports are in

@@ -1,7 +1,7 @@
 """Figures of the reproduction report from registered models: ROC + confusion, CAM, t-SNE.
 
 ``python -m triaged.training.figures --store runs/store-repro \
---data covid-ct:/work/shared/data/COVID-CT --out docs/figures`` scores the COVID-CT **test**
+--data covid-ct:data/COVID-CT --out docs/figures`` scores the COVID-CT **test**
 split (scoring and plotting only: nothing here trains or selects) with the fusion model and
 the Rao et al. CNNs and writes small PNGs:
 

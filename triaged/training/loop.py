@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -38,10 +38,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 log = logging.getLogger("triaged.training")
 Precision = Literal["auto", "fp32", "bf16"]
-
-
-class Epochal(Protocol):
-    def set_epoch(self, epoch: int) -> None: ...
 
 
 # ----------------------------------------------------------------------------- environment

@@ -13,8 +13,8 @@ from dataclasses import asdict
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy.orm import Session
 
 from triaged.web import health, queries
@@ -57,6 +57,20 @@ Writer = Annotated[LoginSession, Depends(api_csrf)]
 AdminWriter = Annotated[LoginSession, Depends(api_admin_csrf)]
 Ctx = Annotated[WebContext, Depends(ctx)]
 DATE = r"^\d{4}-\d{2}-\d{2}$"
+
+# what the worklist queries raise, as HTTP statuses (one mapping for every route)
+QUERY_ERRORS: dict[type[Exception], int] = {queries.NotFound: 404, queries.Conflict: 409}
+
+
+async def _query_error(request: Request, exc: Exception) -> JSONResponse:
+    status = next(code for kind, code in QUERY_ERRORS.items() if isinstance(exc, kind))
+    return JSONResponse({"detail": str(exc)}, status_code=status)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Let routes raise ``queries.NotFound``/``Conflict`` and answer 404/409 with its message."""
+    for kind in QUERY_ERRORS:
+        app.add_exception_handler(kind, _query_error)
 
 
 def worklist_filter(
@@ -106,10 +120,7 @@ def list_studies(c: Ctx, who: User, f: Filter) -> WorklistOut:
 @router.get("/studies/{uid}", response_model=StudyDetail)
 def get_study(uid: str, request: Request, c: Ctx, who: User) -> StudyDetail:
     with Session(c.engine) as s, s.begin():
-        try:
-            detail = queries.study_detail(s, uid, image_url(uid))
-        except queries.NotFound as exc:
-            raise HTTPException(404, str(exc)) from None
+        detail = queries.study_detail(s, uid, image_url(uid))
         queries.audit(s, who.principal.name, "view_study", uid, client_address(request), "api")
     return detail
 
@@ -118,10 +129,7 @@ def get_study(uid: str, request: Request, c: Ctx, who: User) -> StudyDetail:
 def get_study_revision(uid: str, c: Ctx, who: User) -> StudyRevision:
     """The open study page polls this; it carries no patient data, so it is not audited."""
     with Session(c.engine) as s:
-        try:
-            state, revision = queries.study_revision(s, uid)
-        except queries.NotFound as exc:
-            raise HTTPException(404, str(exc)) from None
+        state, revision = queries.study_revision(s, uid)
     return StudyRevision(state=state, revision=revision)
 
 
@@ -132,10 +140,7 @@ def study_image(uid: str, kind: str, c: Ctx, who: User) -> FileResponse:
     if kind not in queries.IMAGE_KINDS:
         raise HTTPException(404, f"image kind is one of {', '.join(queries.IMAGE_KINDS)}")
     with Session(c.engine) as s:
-        try:
-            path = queries.study_image(s, uid, kind)
-        except queries.NotFound as exc:
-            raise HTTPException(404, str(exc)) from None
+        path = queries.study_image(s, uid, kind)
     return FileResponse(path, media_type="image/png",
                         headers={"Cache-Control": "private, no-store"})
 
@@ -143,10 +148,7 @@ def study_image(uid: str, kind: str, c: Ctx, who: User) -> FileResponse:
 @router.get("/studies/{uid}/feedback", response_model=list[FeedbackOut])
 def get_feedback(uid: str, c: Ctx, who: User) -> list[FeedbackOut]:
     with Session(c.engine) as s:
-        try:
-            study = queries.get_study(s, uid)
-        except queries.NotFound as exc:
-            raise HTTPException(404, str(exc)) from None
+        study = queries.get_study(s, uid)
         return queries.list_feedback(s, study.id)
 
 
@@ -155,12 +157,7 @@ def post_feedback(uid: str, body: FeedbackIn, request: Request, c: Ctx,
                   who: Writer) -> FeedbackOut:
     """Confirm or refute the study's finding; becomes a label for ``triaged retrain``."""
     with Session(c.engine) as s, s.begin():
-        try:
-            out = queries.add_feedback(s, uid, who.principal.name, body.verdict, body.note)
-        except queries.NotFound as exc:
-            raise HTTPException(404, str(exc)) from None
-        except queries.Conflict as exc:
-            raise HTTPException(409, str(exc)) from None
+        out = queries.add_feedback(s, uid, who.principal.name, body.verdict, body.note)
         queries.audit(s, who.principal.name, "feedback", uid, client_address(request),
                       body.verdict)
     return out

@@ -145,5 +145,6 @@ def create_app(
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(pages.router)
     app.include_router(api.router)
+    api.add_error_handlers(app)
     app.include_router(ops.router)
     return app

@@ -133,7 +133,8 @@ def _study_page(c: WebContext, request: Request, who: LoginSession, uid: str,
     plot = None
     if detail.result is not None:
         r = detail.result
-        plot = Markup(slice_plot_svg(r.slice_probabilities, r.threshold, r.key_slice))
+        plot = Markup(slice_plot_svg(r.slice_probabilities, r.threshold, r.key_slice_position,
+                                     series_indices=r.slice_indices))
     return render(c, request, "study.html", who, status_code, d=detail, s=detail.study,
                   r=detail.result, plot=plot, error=error, revision=revision)
 

@@ -17,11 +17,20 @@ def slice_plot_svg(
     key_slice: int | None = None,
     width: int = 1000,
     height: int = 250,
+    series_indices: Sequence[int] | None = None,
 ) -> str:
-    """Probability (0-1, y) along the scan (slice index, x), threshold and key slice marked."""
+    """Probability (0-1, y) along the scan (slice index, x), threshold and key slice marked.
+
+    ``key_slice`` is a position in ``probabilities``; ``series_indices`` (the series
+    position of each score, when only some slices were scored) labels the axis with the
+    series' own slice numbers.
+    """
     left, right, top, bottom = 52, 14, 12, 52
     pw, ph = width - left - right, height - top - bottom
     n = len(probabilities)
+    if series_indices is None or len(series_indices) != n:
+        series_indices = range(n)
+    numbers = [i + 1 for i in series_indices]
 
     def x(i: float) -> float:
         return left + (pw * i / (n - 1) if n > 1 else pw / 2)
@@ -32,7 +41,7 @@ def slice_plot_svg(
     parts = [
         f'<svg class="slice-plot" viewBox="0 0 {width} {height}" role="img" '
         f'preserveAspectRatio="xMidYMid meet" xmlns="http://www.w3.org/2000/svg">',
-        f"<title>{escape(_title(probabilities, threshold, key_slice))}</title>",
+        f"<title>{escape(_title(probabilities, threshold, key_slice, numbers))}</title>",
         f'<rect class="plot-bg" x="{left}" y="{top}" width="{pw}" height="{ph}"/>',
     ]
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
@@ -44,7 +53,7 @@ def slice_plot_svg(
     if n:
         for i in _ticks(n):
             parts.append(f'<text class="axis" x="{x(i):.1f}" y="{top + ph + 20}" '
-                         f'text-anchor="middle">{i + 1}</text>')
+                         f'text-anchor="middle">{numbers[i]}</text>')
         pts = " ".join(f"{x(i):.1f},{y(p):.1f}" for i, p in enumerate(probabilities))
         area = f"{x(0):.1f},{y(0):.1f} {pts} {x(n - 1):.1f},{y(0):.1f}"
         parts.append(f'<polygon class="area" points="{area}"/>')
@@ -73,10 +82,13 @@ def _ticks(n: int, most: int = 10) -> list[int]:
     return ticks
 
 
-def _title(probabilities: Sequence[float], threshold: float, key: int | None) -> str:
+def _title(probabilities: Sequence[float], threshold: float, key: int | None,
+           numbers: Sequence[int]) -> str:
     if not probabilities:
         return "no slice scores"
     top = max(probabilities)
     above = sum(p >= threshold for p in probabilities)
     text = f"{len(probabilities)} slices, {above} at or above {threshold:.2f}, maximum {top:.2f}"
-    return text + (f", key slice {key + 1}" if key is not None else "")
+    if key is None or not 0 <= key < len(numbers):
+        return text
+    return f"{text}, key slice {numbers[key]}"

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import ColumnElement, Engine, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from triaged.config import WebSettings
@@ -44,12 +44,13 @@ from triaged.worklist.models import (
     StudyState,
     utcnow,
 )
+from triaged.worklist.result_details import ResultDetails
+from triaged.worklist.studies import reading_order
 from triaged.worklist.web_models import AuditEntry, Feedback
 
 DELIVERY_FAILED = "DELIVERY_FAILED"
 STATE_FILTERS = [*(s.value for s in StudyState), DELIVERY_FAILED]
 IMAGE_KINDS = ("heatmap", "infected")
-DEFAULT_THRESHOLD = 0.5
 
 
 class NotFound(LookupError):
@@ -176,27 +177,23 @@ def _items(session: Session, studies: list[Study], now: datetime) -> list[StudyI
 
 
 def worklist(session: Session, f: WorklistFilter, now: datetime | None = None) -> list[StudyItem]:
-    """Studies in reading order: triage priority first, then the longest waiting.
-
-    The order is the one of ``triaged.worklist.studies.list_studies`` (and the CLI).
-    """
+    """Studies in reading order (``triaged.worklist.studies.reading_order``), filtered."""
     now = now or utcnow()
-    q = select(Study)
+    where: list[ColumnElement[bool]] = []
     if f.state == DELIVERY_FAILED:
         dead = select(Delivery.study_id).where(Delivery.state == DeliveryState.DEAD)
-        q = q.where(Study.id.in_(dead))
+        where.append(Study.id.in_(dead))
     elif f.state:
-        q = q.where(Study.state == f.state)
+        where.append(Study.state == f.state)
     if f.min_priority is not None:
-        q = q.where(Study.priority >= f.min_priority)
+        where.append(Study.priority >= f.min_priority)
     if f.flagged is not None:
-        q = q.where(Study.flag.is_(f.flagged))
+        where.append(Study.flag.is_(f.flagged))
     if f.date_from:
-        q = q.where(Study.study_date >= f.date_from.replace("-", ""))
+        where.append(Study.study_date >= f.date_from.replace("-", ""))
     if f.date_to:
-        q = q.where(Study.study_date <= f.date_to.replace("-", ""))
-    q = q.order_by(Study.priority.desc(), Study.first_received_at.asc(), Study.id.asc())
-    studies = list(session.scalars(q.limit(f.limit)))
+        where.append(Study.study_date <= f.date_to.replace("-", ""))
+    studies = list(session.scalars(reading_order(where, f.limit)))
     return _items(session, studies, now)
 
 
@@ -242,39 +239,35 @@ def study_revision(session: Session, uid: str) -> tuple[str, str]:
     return str(study.state), digest
 
 
-def _threshold(details: dict[str, Any]) -> float:
-    t = details.get("threshold")
-    return float(t) if isinstance(t, (int, float)) and 0 <= t <= 1 else DEFAULT_THRESHOLD
-
-
 def image_path(result: Result, kind: str) -> Path | None:
     """The PNG the worker wrote for ``kind`` (``details["images"]``), if it is there."""
-    images = result.details.get("images") if isinstance(result.details, dict) else None
-    if kind not in IMAGE_KINDS or not isinstance(images, dict):
+    if kind not in IMAGE_KINDS:
         return None
-    p = images.get(kind)
-    if not isinstance(p, str) or not p:
+    p = ResultDetails.load(result.details).images.get(kind)
+    if not p:
         return None
     path = Path(p)
     return path if path.suffix.lower() == ".png" and path.is_file() else None
 
 
 def _result_out(result: Result, image_url: Callable[[str], str]) -> ResultOut:
-    details = result.details if isinstance(result.details, dict) else {}
-    sr = details.get("sr_text")
+    details = ResultDetails.load(result.details)
+    scores = [float(p) for p in (result.slice_probabilities or [])]
     return ResultOut(
         pipeline=result.pipeline,
         series_instance_uid=result.series_instance_uid,
         fusion_probability=result.fusion_probability,
         cbam_probability=result.cbam_probability,
-        threshold=_threshold(details),
+        threshold=details.threshold,
         flag=result.flag,
         priority=result.priority,
         models=dict(result.models or {}),
-        slice_probabilities=[float(p) for p in (result.slice_probabilities or [])],
+        slice_probabilities=scores,
+        slice_indices=details.slice_indices,
         key_slice=result.key_slice,
+        key_slice_position=details.plot_position(result.key_slice, len(scores)),
         timings={k: float(v) for k, v in (result.timings or {}).items()},
-        sr_text=[str(x) for x in sr] if isinstance(sr, list) else [],
+        sr_text=details.sr_text,
         images={k: (image_url(k) if image_path(result, k) else None) for k in IMAGE_KINDS},
         created_at=result.created_at.isoformat(),
     )

@@ -66,7 +66,11 @@ class ResultOut(_Out):
     priority: int
     models: dict[str, str]
     slice_probabilities: list[float]
-    key_slice: int | None
+    slice_indices: list[int] | None = Field(
+        description="series position of each scored slice; null: the scores cover the series")
+    key_slice: int | None = Field(description="series position of the key slice")
+    key_slice_position: int | None = Field(
+        description="index of the key slice in slice_probabilities (null if not among them)")
     timings: dict[str, float]
     sr_text: list[str]
     images: dict[str, str | None] = Field(description="kind -> URL of the PNG, null if absent")

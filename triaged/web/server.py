@@ -12,6 +12,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -108,9 +109,11 @@ def start_web(
     echo: Callable[[str], tuple[bool, str]] | None = None,
 ) -> WebServer | None:
     """``serve``'s one call: build the app and serve it per ``[web]``; None when disabled."""
-    if not settings.web.enabled:
+    web = settings.web
+    if not web.enabled:
         return None
     from triaged.web.app import create_app
 
-    app = create_app(settings, engine, store=store, status=status, echo=echo)
-    return serve_in_thread(app, settings.web.bind, settings.web.port, settings.web.tls)
+    app = create_app(settings, engine, store=store, status=status, echo=echo,
+                     session_lifetime=timedelta(hours=web.session_hours))
+    return serve_in_thread(app, web.bind, web.port, web.tls)

@@ -8,12 +8,24 @@ PostgreSQL and testable without a network. Every state change goes through
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, and_, bindparam, delete, exists, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
@@ -116,12 +128,6 @@ def _upsert_series(session: Session, study: Study, meta: InstanceMeta, now: date
     return session.scalars(
         select(Series).where(Series.series_instance_uid == meta.series_instance_uid)
     ).one()
-
-
-def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
-    return session.scalars(
-        select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
-    ).one_or_none()
 
 
 class IdCache:
@@ -360,27 +366,38 @@ class StudyRow:
     completed_at: str | None
 
 
-def list_studies(session: Session, limit: int | None = None) -> list[StudyRow]:
-    """Studies in reading order: triage priority first, then the longest waiting."""
-    n_inst = (
-        select(Instance.study_id, func.count().label("n"))
-        .where(Instance.file_missing.is_(False))
-        .group_by(Instance.study_id)
-        .subquery()
-    )
+def reading_order(
+    where: Iterable[ColumnElement[bool]] = (), limit: int | None = None
+) -> Select[Study]:
+    """The worklist query: triage priority first, then the longest waiting.
+
+    The order is the product, so the web page, the API and ``triaged worklist`` all list
+    studies through this one query (``where``: their filters).
+    """
     q = (
-        select(Study, func.coalesce(n_inst.c.n, 0))
-        .outerjoin(n_inst, n_inst.c.study_id == Study.id)
+        select(Study)
+        .where(*where)
         .order_by(Study.priority.desc(), Study.first_received_at.asc(), Study.id.asc())
     )
-    if limit:
-        q = q.limit(limit)
-    rows = session.execute(q).all()
-    ids = [s.id for s, _ in rows]
+    return q.limit(limit) if limit else q
+
+
+def list_studies(session: Session, limit: int | None = None) -> list[StudyRow]:
+    """Studies in reading order (``reading_order``), with their series and file counts."""
+    studies = list(session.scalars(reading_order(limit=limit)))
+    ids = [s.id for s in studies]
     series: dict[int, list[Series]] = {i: [] for i in ids}
+    counts: dict[int, int] = {}
     if ids:
         for se in session.scalars(select(Series).where(Series.study_id.in_(ids))):
             series[se.study_id].append(se)
+        n_inst = (
+            select(Instance.study_id, func.count())
+            .where(Instance.study_id.in_(ids), Instance.file_missing.is_(False))
+            .group_by(Instance.study_id)
+        )
+        counts = {sid: int(n) for sid, n in session.execute(n_inst)}
+    rows = [(st, counts.get(st.id, 0)) for st in studies]
     out: list[StudyRow] = []
     for study, n in rows:
         ss = series[study.id]
@@ -412,14 +429,6 @@ def study_files(session: Session, study_instance_uid: str) -> Sequence[Instance]
         .where(Study.study_instance_uid == study_instance_uid, Instance.file_missing.is_(False))
         .order_by(Instance.series_id, Instance.instance_number, Instance.id)
     ).all()
-
-
-def counts_by_state(engine: Engine) -> dict[str, int]:
-    with Session(engine) as s:
-        return {
-            str(k): int(v)
-            for k, v in s.execute(select(Study.state, func.count()).group_by(Study.state)).all()
-        }
 
 
 FINISHED = (StudyState.DELIVERED, StudyState.SKIPPED, StudyState.FAILED, StudyState.SCORED)
