@@ -42,7 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from triaged.config import DicomSettings, TLSSettings
-from triaged.dicom import reactor
+from triaged.dicom import guard, reactor
 from triaged.dicom.header import BadInstance, read_meta
 from triaged.dicom.spool import OutOfSpace, Spool, SpoolError
 from triaged.worklist.models import AssociationState
@@ -135,7 +135,7 @@ class StoreSCP:
         ae.maximum_pdu_size = s.max_pdu
         ae.maximum_associations = s.max_associations
         ae.network_timeout = s.network_timeout
-        ae.acse_timeout = 30
+        ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.network_timeout
         ae.require_called_aet = True
         if s.allowed_calling_aets:
@@ -163,24 +163,27 @@ class StoreSCP:
         # spool's filesystem so that committing is a link, not a copy.
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.spool.incoming)
-        reactor.install()
+        if self.settings.fast_path:
+            reactor.install()
         ctx = server_tls_context(self.settings.tls) if self.settings.tls else None
         ae = self.build_ae()
-        server = ae.start_server(
+        server = guard.start_server(
+            ae,
             (self.settings.bind, self.settings.port),
-            block=False,
-            evt_handlers=self.handlers(),
             ssl_context=ctx,
+            evt_handlers=self.handlers(),
+            max_pdu=self.settings.max_pdu,
+            max_pending=self.settings.max_pending_connections,
+            acse_timeout=self.settings.acse_timeout,
         )
-        if server is None:  # only with block=True
-            raise RuntimeError("the DICOM listener did not start")
         self._server = server
         log.info(
-            "listening as %s on %s:%d%s",
+            "listening as %s on %s:%d%s%s",
             self.settings.ae_title,
             self.settings.bind,
             self.port,
             " (TLS)" if ctx else "",
+            "" if self.settings.fast_path else " (pynetdicom fast path off)",
         )
         return server
 
@@ -221,7 +224,9 @@ class StoreSCP:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # pynetdicom's reader sleeps 1 ms whenever its socket is idle; a C-STORE SCU waits
         # for each response, so that sleep is paid per PDU. 0.1 ms costs little CPU.
-        event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
+        # It is a private attribute, hence behind [dicom] fast_path.
+        if self.settings.fast_path:
+            event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
 
     def _on_accepted(self, event: evt.Event) -> None:
         reactor.register(event.assoc)  # runs in the association's reactor thread
