@@ -21,6 +21,7 @@ tests/dicom/test_receive_network.py fail if pynetdicom changes the shape they re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import socketserver
@@ -179,12 +180,10 @@ def _peer(address: Any) -> str:
 
 def cut(sock: socket.socket) -> None:
     """Shut a socket down from another thread: a blocked recv or handshake returns."""
-    try:
-        # The plain socket method, also for an SSLSocket: its TLS state is left to the
-        # thread that owns it, only the descriptor is shut down.
+    # The plain socket method, also for an SSLSocket: its TLS state is left to the
+    # thread that owns it, only the descriptor is shut down.
+    with contextlib.suppress(OSError):
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class GuardedSocket(AssociationSocket):
@@ -193,9 +192,10 @@ class GuardedSocket(AssociationSocket):
     tracker: PduTracker
     ticket: Ticket
     peer: str
+    violated: bool
 
     @classmethod
-    def adopt(cls, sock: AssociationSocket, tracker: PduTracker, ticket: Ticket) -> None:
+    def adopt(cls, sock: AssociationSocket | None, tracker: PduTracker, ticket: Ticket) -> None:
         """Turn the socket pynetdicom made for a connection into a guarded one, in place.
 
         In place, because the original queued the connection's Evt5 when it was made; a
@@ -208,8 +208,11 @@ class GuardedSocket(AssociationSocket):
         sock.tracker = tracker
         sock.ticket = ticket
         sock.peer = ticket.peer
+        sock.violated = False
 
     def recv(self, nr_bytes: int) -> bytearray:
+        if self.violated:
+            return bytearray()
         data = super().recv(nr_bytes)
         state = self.assoc.dul.state_machine.current_state
         why = self.tracker.feed(data, associated=state not in PRE_ASSOCIATION)
@@ -217,7 +220,9 @@ class GuardedSocket(AssociationSocket):
             return data
         log.warning("closing DICOM connection from %s: %s", self.peer, why)
         # An empty read is "connection closed" to the DUL (Evt17): it closes the socket,
-        # with the rest of the peer's data unread, so the peer sees a reset.
+        # with the rest of the peer's data unread, so the peer sees a reset. Until then
+        # nothing more is read.
+        self.violated = True
         return bytearray()
 
 
@@ -263,16 +268,29 @@ class GuardedServer(ThreadedAssociationServer):
 
     def __init__(
         self,
-        *args: Any,
+        ae: AE,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: Any,
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[EventHandlerType] | None = None,
+        *,
         pending: PendingConnections,
         limits: dict[int, int],
-        **kwargs: Any,
     ) -> None:
         self.pending = pending
         self.limits = limits
         self._admitted: dict[Any, Ticket] = {}
         self._admitted_lock = threading.Lock()
-        super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
+        super().__init__(
+            ae,
+            address,
+            ae_title,
+            contexts,
+            ssl_context,
+            evt_handlers=evt_handlers,
+            request_handler=GuardedRequestHandler,
+        )
         self.bind(evt.EVT_ACCEPTED, self._settled)
         self.bind(evt.EVT_CONN_CLOSE, self._settled)
 
@@ -328,7 +346,7 @@ def start_server(
     acse_timeout: float,
 ) -> GuardedServer:
     """Like ``AE.start_server(block=False)``, with the guarded server."""
-    server = ae.make_server(
+    server: GuardedServer = ae.make_server(  # type: ignore[assignment]
         address,
         ssl_context=ssl_context,
         evt_handlers=evt_handlers,
