@@ -163,3 +163,34 @@ def test_receive_core_without_the_fast_path(make_daemon, tmp_path) -> None:
     assert f"released: {len(study.files)} stored, 0 duplicate" in log
     assert f"released: 0 stored, {len(study.files)} duplicate" in log
     assert "fast path off" in log
+
+
+def test_silent_tls_client_does_not_stall_other_connections(make_daemon, tmp_path) -> None:
+    """pynetdicom ran the TLS handshake in the accept loop, with no timeout: one peer that
+    connected and said nothing stopped every later connection."""
+    from tests.dicom.test_receive import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    tls = {"cert": str(pki["server.crt"]), "key": str(pki["server.key"]), "ca": str(pki["ca.crt"])}
+    d = make_daemon(dicom={"tls": tls, "acse_timeout": 120}).start()
+    tls_args = ("+tls", str(pki["client.key"]), str(pki["client.crt"]), "+cf", str(pki["ca.crt"]))
+    with connect(d.port):  # no ClientHello, ever
+        assert echoscu(d.port, extra=tls_args) == 0
+
+
+def test_pdu_tracker_follows_headers_split_across_reads() -> None:
+    from triaged.dicom.guard import PduTracker, pdu_limits
+
+    tracker = PduTracker(pdu_limits(16384))
+    rq = pdu_header(0x01, 10) + bytes(10)
+    release = pdu_header(0x05, 4) + bytes(4)
+    stream = rq + release + pdu_header(0x04, 16384 + 64) + bytes(16448)
+    for i in range(0, len(stream), 5):  # headers and bodies straddle the reads
+        assert tracker.feed(stream[i : i + 5], associated=True) is None
+    assert tracker.feed(pdu_header(0x05, 5), associated=True) == (
+        "A-RELEASE-RQ PDU declares 5 bytes (limit 4)"
+    )
+    fresh = PduTracker(pdu_limits(0))
+    assert fresh.feed(pdu_header(0x04, 100), associated=False) == (
+        "P-DATA-TF before the association was accepted"
+    )
