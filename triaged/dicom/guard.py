@@ -28,6 +28,7 @@ import socketserver
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +57,8 @@ FIXED_BODY = 4
 P_DATA_SLACK = 64
 #: With ``max_pdu = 0`` (no limit advertised) a P-DATA-TF PDU is still held to this.
 P_DATA_CEILING = 64 * 1024 * 1024
+#: At most one "refusing connection" line per this many seconds.
+REFUSAL_LOG_SECONDS = 10.0
 #: pynetdicom's acceptor states before the association is accepted (PS3.8 9.2).
 PRE_ASSOCIATION = frozenset({"Sta2", "Sta3"})
 
@@ -282,6 +285,8 @@ class GuardedServer(ThreadedAssociationServer):
         self.limits = limits
         self._admitted: dict[Any, Ticket] = {}
         self._admitted_lock = threading.Lock()
+        self._refused = 0
+        self._refusal_logged = -REFUSAL_LOG_SECONDS
         super().__init__(
             ae,
             address,
@@ -309,11 +314,18 @@ class GuardedServer(ThreadedAssociationServer):
         peer = _peer(client_address)
         ticket = self.pending.admit(peer, lambda: cut(request))
         if ticket is None:
-            log.warning(
-                "refusing DICOM connection from %s: %d connections are waiting to associate",
-                peer,
-                self.pending.limit,
-            )
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._refusal_logged >= REFUSAL_LOG_SECONDS:  # a flood is one line
+                log.warning(
+                    "refusing DICOM connection from %s: %d connections are waiting to "
+                    "associate (%d refused since the last such line)",
+                    peer,
+                    self.pending.limit,
+                    self._refused,
+                )
+                self._refused = 0
+                self._refusal_logged = now
             return False
         with self._admitted_lock:
             self._admitted[request] = ticket
