@@ -43,7 +43,7 @@ def stream_until_closed(s: socket.socket, first: bytes) -> int:
     try:
         while sent < STREAM_LIMIT:
             sent += s.send(chunk)
-    except (ConnectionResetError, BrokenPipeError, TimeoutError):
+    except OSError:  # reset, broken pipe, timeout; EBADF once a pynetdicom peer closed it
         pass
     return sent
 
