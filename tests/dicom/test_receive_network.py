@@ -117,12 +117,17 @@ def test_trickling_association_request_is_cut_at_the_acse_timeout(make_daemon) -
     assert echoscu(d.port) == 0
 
 
-def test_p_data_larger_than_max_pdu_aborts_instead_of_allocating(make_daemon) -> None:
+def test_p_data_larger_than_max_pdu_aborts_instead_of_allocating(make_daemon, tmp_path) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     d = make_daemon(dicom={"max_pdu": 16384}).start()
     assert d.proc is not None
+    # A peer that fills our maximum PDU (32 KB slices in 16 KB PDUs) is not cut.
+    study = generate_study(tmp_path / "s", seed=6, slices=2, size=128)
+    out = storescu(d.port, *study.files)
+    assert store_statuses(out.stderr + out.stdout) == ["Success"] * len(study.files)
+    assert "closing DICOM connection" not in d.log()
     before = rss(d.proc.pid)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
