@@ -15,8 +15,11 @@ A-ASSOCIATE-RQ held a thread forever. This module adds, around pynetdicom's own 
   not in the accept loop.
 
 The hooks are subclasses of pynetdicom's public ``ThreadedAssociationServer``,
-``RequestHandler`` and ``AssociationSocket`` (pynetdicom 3.x); tests in
-tests/dicom/test_receive_network.py fail if pynetdicom changes the shape they rely on.
+``RequestHandler`` and ``AssociationSocket``, made through ``AE.make_server``. Two points
+lean on pynetdicom 3.x internals: ``RequestHandler._create_association`` is extended to
+turn its socket into a guarded one, and the DUL state names (PS3.8 Sta2/Sta3) tell
+whether the association is accepted yet. Both fail closed (the connection is refused or
+aborted), and tests/dicom/test_receive_network.py fails if pynetdicom changes shape.
 """
 
 from __future__ import annotations
