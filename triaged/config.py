@@ -42,6 +42,12 @@ class DicomSettings(_Section):
     max_pdu: int = Field(default=131_072, ge=0)
     max_associations: int = Field(default=16, ge=1)
     network_timeout: float = Field(default=60.0, gt=0)
+    #: Connections that have connected but not yet associated; more are closed at once.
+    max_pending_connections: int = Field(default=16, ge=1)
+    #: Seconds a connection gets to complete TLS and association; then it is closed.
+    acse_timeout: float = Field(default=30.0, gt=0)
+    #: Speed-ups that patch pynetdicom internals (reactor wake-up, 0.1 ms DUL poll).
+    fast_path: bool = True
 
     @field_validator("ae_title")
     @classmethod

@@ -41,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from triaged.config import DicomSettings, TLSSettings
-from triaged.dicom import reactor
+from triaged.dicom import guard, reactor
 from triaged.dicom.header import BadInstance, TooLarge, read_meta
 from triaged.dicom.incoming import Receiver, install, uninstall
 from triaged.dicom.spool import OutOfSpace, Spool, SpoolError
@@ -136,7 +136,7 @@ class StoreSCP:
         ae.maximum_pdu_size = s.max_pdu
         ae.maximum_associations = s.max_associations
         ae.network_timeout = s.network_timeout
-        ae.acse_timeout = 30
+        ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.network_timeout
         ae.require_called_aet = True
         if s.allowed_calling_aets:
@@ -164,24 +164,27 @@ class StoreSCP:
         # filesystem (committing is a link, not a copy), without touching tempfile.tempdir.
         _config.STORE_RECV_CHUNKED_DATASET = True
         install(self.receiver)
-        reactor.install()
+        if self.settings.fast_path:
+            reactor.install()
         ctx = server_tls_context(self.settings.tls) if self.settings.tls else None
         ae = self.build_ae()
-        server = ae.start_server(
+        server = guard.start_server(
+            ae,
             (self.settings.bind, self.settings.port),
-            block=False,
-            evt_handlers=self.handlers(),
             ssl_context=ctx,
+            evt_handlers=self.handlers(),
+            max_pdu=self.settings.max_pdu,
+            max_pending=self.settings.max_pending_connections,
+            acse_timeout=self.settings.acse_timeout,
         )
-        if server is None:  # only with block=True
-            raise RuntimeError("the DICOM listener did not start")
         self._server = server
         log.info(
-            "listening as %s on %s:%d%s",
+            "listening as %s on %s:%d%s%s",
             self.settings.ae_title,
             self.settings.bind,
             self.port,
             " (TLS)" if ctx else "",
+            "" if self.settings.fast_path else " (pynetdicom fast path off)",
         )
         return server
 
@@ -223,7 +226,9 @@ class StoreSCP:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # pynetdicom's reader sleeps 1 ms whenever its socket is idle; a C-STORE SCU waits
         # for each response, so that sleep is paid per PDU. 0.1 ms costs little CPU.
-        event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
+        # It is a private attribute, hence behind [dicom] fast_path.
+        if self.settings.fast_path:
+            event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
 
     def _on_accepted(self, event: evt.Event) -> None:
         reactor.register(event.assoc)  # runs in the association's reactor thread
