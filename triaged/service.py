@@ -53,7 +53,7 @@ class Service:
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.engine = db.make_engine(s.database.url)
+        self.engine = db.make_engine(s.database.url, log_phi=s.logging.phi)
         self.spool = Spool(s.storage.spool_dir, s.storage.min_free_mb)
         self.scp = StoreSCP(s.dicom, self.spool, self.engine)
         self.scheduler = make_scheduler()
@@ -141,7 +141,8 @@ class Service:
             echo=self.echo,
             session_lifetime=timedelta(hours=web.session_hours),
         )
-        server = serve_in_thread(app, web.bind, web.port, web.tls)
+        server = serve_in_thread(app, web.bind, web.port, web.tls,
+                                 trusted_proxies=web.trusted_proxies)
         self._on_stop.append(server.stop)
         log.info("web page on %s", server.url)
 

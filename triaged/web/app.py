@@ -100,7 +100,6 @@ def create_app(
         sessions=Sessions(engine, users, secret, session_lifetime),
         templates=make_templates(),
         spool_root=settings.storage.spool_dir,
-        secure_cookies=web.tls is not None,
     )
     app = FastAPI(
         title="triaged",

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from triaged.config import WebUser
 from triaged.worklist.models import utcnow
-from triaged.worklist.web_models import User, WebSession
+from triaged.worklist.web_models import AuditEntry, User, WebSession
 
 ROLES = ("radiologist", "admin")
 MIN_PASSWORD_LENGTH = 8
@@ -75,10 +75,12 @@ def _verify(password_hash: str, password: str) -> bool:
         return False
 
 
-def add_user(engine: Engine, name: str, role: str, password: str) -> bool:
+def add_user(engine: Engine, name: str, role: str, password: str,
+             actor: str | None = None, client: str | None = "cli") -> bool:
     """Create a database user, or reset the role and password of an existing one.
 
-    Returns True when the user is new. Meant for ``triaged`` CLI commands.
+    Resetting ends every session of the user: whoever knew the old password (or holds a
+    stolen cookie) is out at once. Returns True when the user is new. Audited.
     """
     name = name.strip()
     if not name or len(name) > 64:
@@ -91,22 +93,50 @@ def add_user(engine: Engine, name: str, role: str, password: str) -> bool:
         if user is None:
             s.add(User(name=name, role=role, password_hash=password_hash, disabled=False,
                        created_at=utcnow()))
+            _audit(s, actor, "user_created", name, client, role)
             return True
         user.role = role
         user.password_hash = password_hash
         user.disabled = False
+        ended = _end_sessions(s, name)
+        _audit(s, actor, "user_password_set", name, client, f"{role}; {ended} session(s) ended")
         return False
 
 
-def disable_user(engine: Engine, name: str) -> bool:
+def disable_user(engine: Engine, name: str, actor: str | None = None,
+                 client: str | None = "cli") -> bool:
     """Disable a database user and end their sessions; False if there is no such user."""
     with Session(engine) as s, s.begin():
         user = s.scalars(select(User).where(User.name == name)).one_or_none()
         if user is None:
             return False
         user.disabled = True
-        s.execute(delete(WebSession).where(WebSession.user_name == name))
+        ended = _end_sessions(s, name)
+        _audit(s, actor, "user_disabled", name, client, f"{ended} session(s) ended")
         return True
+
+
+def enable_user(engine: Engine, name: str, actor: str | None = None,
+                client: str | None = "cli") -> bool:
+    """Let a disabled database user log in again; False if there is no such user."""
+    with Session(engine) as s, s.begin():
+        user = s.scalars(select(User).where(User.name == name)).one_or_none()
+        if user is None:
+            return False
+        user.disabled = False
+        _audit(s, actor, "user_enabled", name, client, None)
+        return True
+
+
+def _end_sessions(s: Session, name: str) -> int:
+    result = s.execute(delete(WebSession).where(WebSession.user_name == name))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _audit(s: Session, actor: str | None, action: str, target: str, client: str | None,
+           detail: str | None) -> None:
+    s.add(AuditEntry(at=utcnow(), user_name=actor, action=action, target=target[:200],
+                     client=client, detail=detail))
 
 
 class Users:
