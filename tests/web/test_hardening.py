@@ -20,7 +20,7 @@ from tests.conftest import write_config
 from tests.web.conftest import ADMIN_PASSWORD, Web, login_form, make_settings
 from triaged.config import ConfigError, WebSettings, from_dict
 from triaged.web.auth import add_user
-from triaged.web.deps import SESSION_COOKIE
+from triaged.web.deps import LOGIN_COOKIE, SESSION_COOKIE
 from triaged.web.queries import account_delay, address_backoff
 from triaged.web.server import serve_in_thread
 from triaged.worklist.web_models import AuditEntry
@@ -162,8 +162,11 @@ def _real_login(url: str, password: str, headers: dict[str, str]) -> httpx.Respo
     with httpx.Client(base_url=url, follow_redirects=False, headers=headers) as c:
         page = c.get("/login")
         token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+        # sent by hand: a Secure cookie (X-Forwarded-Proto https) is not replayed over http
+        nonce = page.cookies[LOGIN_COOKIE]
         return c.post("/login", data={"username": "rad", "password": password,
-                                      "csrf_token": token, "next": "/"})
+                                      "csrf_token": token, "next": "/"},
+                      headers={"Cookie": f"{LOGIN_COOKIE}={nonce}"})
 
 
 def test_forwarded_headers_ignored_unless_the_proxy_is_trusted(
@@ -197,8 +200,11 @@ def test_secure_cookies_setting(web: Web, rad_hash: str, mode: Any, scheme: str,
 
     app = web.app(settings=make_settings(web.root, rad_hash, secure_cookies=mode))
     c = TestClient(app, base_url=f"{scheme}://testserver", follow_redirects=False)
-    assert ("; secure" in c.get("/login").headers["set-cookie"].lower()) is secure
-    r = login_form(c, "rad", RAD_PASSWORD)
+    page = c.get("/login")
+    assert ("; secure" in page.headers["set-cookie"].lower()) is secure
+    token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+    r = c.post("/login", data={"username": "rad", "password": RAD_PASSWORD, "csrf_token": token},
+               headers={"Cookie": f"{LOGIN_COOKIE}={page.cookies[LOGIN_COOKIE]}"})
     assert r.status_code == 303
     cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith(SESSION_COOKIE))
     assert ("; secure" in cookie.lower()) is secure
