@@ -9,6 +9,7 @@ directory. ``TRIAGED_<SECTION>__<KEY>`` environment variables override file valu
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -141,6 +142,17 @@ class WebSettings(_Section):
     open_health: bool = True
     open_metrics: bool = True
     tls: TLSSettings | None = None
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_addresses(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network (a proxy's "
+                                 "address; '*' would let any client pick its address)") from None
+        return [e.strip() for e in v]
 
     @model_validator(mode="before")
     @classmethod

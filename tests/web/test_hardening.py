@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from tests.conftest import write_config
 from tests.web.conftest import ADMIN_PASSWORD, Web, login_form, make_settings
 from triaged.config import ConfigError, WebSettings, from_dict
-from triaged.web.auth import add_user
+from triaged.web.auth import add_user, hash_password
 from triaged.web.deps import LOGIN_COOKIE, SESSION_COOKIE
 from triaged.web.queries import account_delay, address_backoff
 from triaged.web.server import serve_in_thread
@@ -57,6 +57,22 @@ def test_password_change_ends_every_session_of_the_user(web: Web) -> None:
     assert login_form(web.client(), "bob", BOB_PASSWORD).status_code == 401
     assert login_form(web.client(), "bob", "new-password-2").status_code == 303
     assert ("cli:root", "user_password_set", "bob", "cli") in audit_rows(web)
+
+
+def test_password_change_in_the_config_ends_sessions_at_next_start(
+        web: Web, rad_hash: str) -> None:
+    from tests.web.conftest import RAD_PASSWORD
+
+    c = web.client()
+    assert login_form(c, "rad", RAD_PASSWORD).status_code == 303
+    same = web.client(settings=make_settings(web.root, rad_hash))
+    same.cookies.set(SESSION_COOKIE, c.cookies[SESSION_COOKIE])
+    assert same.get("/api/me").status_code == 200  # a restart alone: still logged in
+    restarted = web.client(settings=make_settings(web.root, hash_password("rads-new-password")))
+    restarted.cookies.set(SESSION_COOKIE, c.cookies[SESSION_COOKIE])
+    assert restarted.get("/api/me").status_code == 401
+    assert c.get("/api/me").status_code == 401  # in every process sharing the database
+    assert login_form(restarted, "rad", "rads-new-password").status_code == 303
 
 
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -132,6 +148,14 @@ def test_backoff_doubles_and_is_capped_account_delay_stays_short() -> None:
         0, 0, 30, 60, 120, 900, 900]
     delays = [account_delay(n, web) for n in (0, 4, 5, 6, 100, 10**6)]
     assert delays[:2] == [0, 0] and 0 < delays[2] < delays[3] and delays[-1] == 2
+
+
+def test_trusted_proxies_must_be_addresses(tmp_path: Path) -> None:
+    ok = from_dict({"web": {"trusted_proxies": ["10.0.0.0/8", "::1", "192.0.2.1"]}}, tmp_path, {})
+    assert ok.web.trusted_proxies == ["10.0.0.0/8", "::1", "192.0.2.1"]
+    for bad in ("*", "proxy.example"):
+        with pytest.raises(ConfigError, match="trusted_proxies"):
+            from_dict({"web": {"trusted_proxies": [bad]}}, tmp_path, {})
 
 
 def test_old_lockout_keys_name_their_replacement(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 import triaged
 from triaged.config import Settings
 from triaged.web import api, ops, pages
-from triaged.web.auth import Sessions, Users
+from triaged.web.auth import Sessions, Users, end_sessions_of_changed_config_users
 from triaged.web.deps import LoginRequired, PageError, WebContext, login_url
 
 if TYPE_CHECKING:
@@ -90,6 +90,9 @@ def create_app(
         log.warning("[web] secret_key is empty: generated one for this run; logins end at "
                     "restart and are not shared with other triaged processes")
     users = Users(engine, web.users)
+    for name in end_sessions_of_changed_config_users(engine, web.users):
+        log.info("[web] users: password of %s changed in the config; their sessions ended",
+                 name)
     context = WebContext(
         settings=settings,
         engine=engine,

@@ -128,6 +128,38 @@ def enable_user(engine: Engine, name: str, actor: str | None = None,
         return True
 
 
+CONFIG_PASSWORD_ACTION = "config_password_seen"
+
+
+def _fingerprint(password_hash: str) -> str:
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
+
+
+def end_sessions_of_changed_config_users(engine: Engine, config_users: Sequence[WebUser]
+                                         ) -> list[str]:
+    """End the sessions of ``[web] users`` whose password hash changed in the config.
+
+    A config edit is a password change too. The hash each user had at the last start is
+    remembered (as a fingerprint) in the audit log, which every process shares; a new
+    one ends that user's sessions everywhere. Returns the users whose hash changed.
+    """
+    changed: list[str] = []
+    with Session(engine) as s, s.begin():
+        for u in config_users:
+            fp = _fingerprint(u.password_hash)
+            last = s.scalar(
+                select(AuditEntry.detail)
+                .where(AuditEntry.action == CONFIG_PASSWORD_ACTION, AuditEntry.target == u.name)
+                .order_by(AuditEntry.id.desc()).limit(1))
+            if last == fp:
+                continue
+            _end_sessions(s, u.name)
+            _audit(s, None, CONFIG_PASSWORD_ACTION, u.name, "config", fp)
+            if last is not None:
+                changed.append(u.name)
+    return changed
+
+
 def _end_sessions(s: Session, name: str) -> int:
     result = s.execute(delete(WebSession).where(WebSession.user_name == name))
     return int(getattr(result, "rowcount", 0) or 0)
