@@ -21,7 +21,6 @@ from tests.web.conftest import ADMIN_PASSWORD, Web, login_form, make_settings
 from triaged.config import ConfigError, WebSettings, from_dict
 from triaged.web.auth import add_user, hash_password
 from triaged.web.deps import LOGIN_COOKIE, SESSION_COOKIE
-from triaged.web.queries import account_delay, address_backoff
 from triaged.web.server import serve_in_thread
 from triaged.worklist.web_models import AuditEntry
 
@@ -142,6 +141,8 @@ def test_failures_from_one_address_never_lock_the_account_out(web: Web, rad_hash
 
 
 def test_backoff_doubles_and_is_capped_account_delay_stays_short() -> None:
+    from triaged.web.queries import account_delay, address_backoff
+
     web = WebSettings(login_failures_allowed=5, login_backoff_seconds=30,
                       login_backoff_max_seconds=900, login_account_delay_max_seconds=2)
     assert [address_backoff(n, web) for n in (0, 4, 5, 6, 7, 10, 1000)] == [
