@@ -20,11 +20,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 import triaged
 from triaged.config import Settings
 from triaged.web import api, ops, pages
-from triaged.web.auth import Sessions, Users, end_sessions_of_changed_config_users
+from triaged.web.auth import Sessions, Users
 from triaged.web.deps import LoginRequired, PageError, WebContext, login_url
 
 if TYPE_CHECKING:
@@ -90,9 +91,11 @@ def create_app(
         log.warning("[web] secret_key is empty: generated one for this run; logins end at "
                     "restart and are not shared with other triaged processes")
     users = Users(engine, web.users)
-    for name in end_sessions_of_changed_config_users(engine, web.users):
-        log.info("[web] users: password of %s changed in the config; their sessions ended",
-                 name)
+    try:
+        users.check_config_passwords()
+    except SQLAlchemyError:  # the page starts anyway: /healthz reports the database
+        log.warning("database unavailable: [web] users password changes are checked at the "
+                    "first login instead")
     context = WebContext(
         settings=settings,
         engine=engine,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from triaged.config import WebUser
 from triaged.worklist.models import utcnow
 from triaged.worklist.web_models import AuditEntry, User, WebSession
 
+log = logging.getLogger("triaged.web")
 ROLES = ("radiologist", "admin")
 MIN_PASSWORD_LENGTH = 8
 _hasher = PasswordHasher()
@@ -177,6 +179,18 @@ class Users:
     def __init__(self, engine: Engine, config_users: Sequence[WebUser]) -> None:
         self.engine = engine
         self.config_users = {u.name: u for u in config_users}
+        self._config_checked = False
+
+    def check_config_passwords(self) -> None:
+        """Once per process (at start, or at first use if the database was down then)."""
+        if self._config_checked:
+            return
+        changed = end_sessions_of_changed_config_users(self.engine,
+                                                       list(self.config_users.values()))
+        self._config_checked = True
+        for name in changed:
+            log.info("[web] users: the password of %s changed in the config; their sessions "
+                     "were ended", name)
 
     def role_of(self, name: str) -> str | None:
         """The current role of an active user, None if the user is unknown or disabled."""
@@ -187,6 +201,7 @@ class Users:
             return None if user is None or user.disabled else user.role
 
     def authenticate(self, name: str, password: str) -> Principal | None:
+        self.check_config_passwords()
         cfg = self.config_users.get(name)
         if cfg is not None:
             return Principal(cfg.name, cfg.role) if _verify(cfg.password_hash, password) else None
@@ -237,6 +252,7 @@ class Sessions:
             token = self._signer.unsign(cookie).decode()
         except BadSignature:
             return None
+        self.users.check_config_passwords()
         with Session(self.engine) as s:
             row = s.get(WebSession, _digest(token))
             if row is None or row.expires_at < utcnow():
