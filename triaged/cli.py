@@ -33,14 +33,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("pynetdicom", "apscheduler", "alembic", "uvicorn.access", "httpx", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _setup_logging(level: str, phi: bool = False) -> None:
+    from triaged.logsetup import setup_logging
+
+    setup_logging(level, phi)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -61,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from triaged.service import Service
 
     settings = _settings(args)
-    _setup_logging(settings.logging.level)
+    _setup_logging(settings.logging.level, settings.logging.phi)
     Service(settings).run_forever()
     return 0
 
@@ -199,11 +195,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from triaged.worklist import db
 
     settings = _settings(args)
-    _setup_logging(settings.logging.level)
+    _setup_logging(settings.logging.level, settings.logging.phi)
     processor = processor_for(settings)
     if processor is None:
         raise UserError("no pipeline configured ([pipelines] in the config)")
-    engine = db.make_engine(settings.database.url)
+    engine = db.make_engine(settings.database.url, log_phi=settings.logging.phi)
     db.ensure_schema(engine)
     workers = [Worker(settings, engine, processor) for _ in range(args.threads)]
 
@@ -345,6 +341,31 @@ def _password(args: argparse.Namespace) -> str:
     return first
 
 
+def _cli_actor() -> str:
+    """Who the audit log names for a CLI change: the operating-system account."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"[:64]
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _set_user_enabled(engine: Any, settings: Settings, action: str, name: str | None) -> None:
+    from triaged.web.auth import disable_user, enable_user
+
+    if not name:
+        raise UserError(f"{action} needs NAME")
+    if any(u.name == name for u in settings.web.users):
+        raise UserError(f"{name} is a [web] users entry of the config file: remove it there "
+                        "(config users cannot be disabled from the command line)")
+    change = disable_user if action == "disable-user" else enable_user
+    if not change(engine, name, _cli_actor()):
+        raise UserError(f"no database user {name}")
+    print(f"user {name} disabled; their sessions were ended" if action == "disable-user"
+          else f"user {name} enabled")
+
+
 def cmd_web(args: argparse.Namespace) -> int:
     from triaged.web.auth import UserError as WebUserError
     from triaged.web.auth import add_user, hash_password
@@ -362,8 +383,11 @@ def cmd_web(args: argparse.Namespace) -> int:
             if args.action == "add-user":
                 if not args.name or not args.role:
                     raise UserError("add-user needs NAME and --role")
-                created = add_user(engine, args.name, args.role, _password(args))
-                print(f"user {args.name} {'created' if created else 'updated'} ({args.role})")
+                created = add_user(engine, args.name, args.role, _password(args), _cli_actor())
+                print(f"user {args.name} {'created' if created else 'updated'} ({args.role})"
+                      + ("" if created else "; their sessions were ended"))
+            elif args.action in ("disable-user", "enable-user"):
+                _set_user_enabled(engine, settings, args.action, args.name)
             else:
                 from triaged.web.queries import export_labels
 
@@ -472,8 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("web", help="web users and radiologist labels")
     _add_config(p)
-    p.add_argument("action", choices=["add-user", "hash-password", "export-labels"])
-    p.add_argument("name", nargs="?", help="user NAME (add-user) or output PATH (export-labels)")
+    p.add_argument("action", choices=["add-user", "disable-user", "enable-user",
+                                      "hash-password", "export-labels"])
+    p.add_argument("name", nargs="?",
+                   help="user NAME (add-user, disable-user, enable-user) or output PATH "
+                        "(export-labels)")
     p.add_argument("--role", choices=["radiologist", "admin"])
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p.set_defaults(func=cmd_web)

@@ -9,12 +9,20 @@ directory. ``TRIAGED_<SECTION>__<KEY>`` environment variables override file valu
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(Exception):
@@ -136,11 +144,50 @@ class WebSettings(_Section):
     secret_key: str = ""
     users: list[WebUser] = Field(default_factory=list)
     session_hours: float = Field(default=12.0, gt=0)
-    max_failed_logins: int = Field(default=5, ge=1, description="per user or address")
-    lockout_minutes: float = Field(default=15.0, gt=0)
+    # Login throttling (docs/deploy.md "Security"): per client address, failures beyond
+    # login_failures_allowed within login_window_minutes are answered 429 for
+    # login_backoff_seconds, doubling per further failure up to login_backoff_max_seconds.
+    # Per account only a short delay (never a refusal), so nobody can lock a user out.
+    login_failures_allowed: int = Field(default=5, ge=1)
+    login_window_minutes: float = Field(default=60.0, gt=0)
+    login_backoff_seconds: float = Field(default=30.0, gt=0)
+    login_backoff_max_seconds: float = Field(default=900.0, gt=0)
+    login_account_delay_max_seconds: float = Field(default=2.0, ge=0)
+    # Addresses (or CIDR networks) of reverse proxies whose X-Forwarded-For/-Proto are
+    # believed; empty: those headers are ignored and the TCP peer is the client.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # Secure flag on cookies: "auto" = when the request came over HTTPS (triaged's own
+    # TLS, or X-Forwarded-Proto from a trusted proxy); true/false force it.
+    secure_cookies: Literal["auto"] | bool = "auto"
     open_health: bool = True
     open_metrics: bool = True
     tls: TLSSettings | None = None
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_addresses(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network (a proxy's "
+                                 "address; '*' would let any client pick its address)") from None
+        return [e.strip() for e in v]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in _REPLACED_WEB_KEYS.items():
+                if old in data:
+                    raise ValueError(f"[web] {old} was replaced by {new} (see docs/deploy.md)")
+        return data
+
+
+_REPLACED_WEB_KEYS = {
+    "max_failed_logins": "login_failures_allowed (per client address)",
+    "lockout_minutes": "login_backoff_seconds / login_backoff_max_seconds (no lockout any more)",
+}
 
 
 class ModelSettings(_Section):
@@ -156,6 +203,9 @@ class RetrainSettings(_Section):
 
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Patient data (IDs, names, accession numbers, SQL parameters, database error details)
+    # stays out of every log line unless this is on: a debugging aid, never in production.
+    phi: bool = False
 
 
 class Settings(_Section):

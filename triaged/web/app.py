@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 import triaged
 from triaged.config import Settings
@@ -90,6 +91,11 @@ def create_app(
         log.warning("[web] secret_key is empty: generated one for this run; logins end at "
                     "restart and are not shared with other triaged processes")
     users = Users(engine, web.users)
+    try:
+        users.check_config_passwords()
+    except SQLAlchemyError:  # the page starts anyway: /healthz reports the database
+        log.warning("database unavailable: [web] users password changes are checked at the "
+                    "first login instead")
     context = WebContext(
         settings=settings,
         engine=engine,
@@ -100,7 +106,6 @@ def create_app(
         sessions=Sessions(engine, users, secret, session_lifetime),
         templates=make_templates(),
         spool_root=settings.storage.spool_dir,
-        secure_cookies=web.tls is not None,
     )
     app = FastAPI(
         title="triaged",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ from sqlalchemy.orm import Session
 
 from triaged.config import WebUser
 from triaged.worklist.models import utcnow
-from triaged.worklist.web_models import User, WebSession
+from triaged.worklist.web_models import AuditEntry, User, WebSession
 
+log = logging.getLogger("triaged.web")
 ROLES = ("radiologist", "admin")
 MIN_PASSWORD_LENGTH = 8
 _hasher = PasswordHasher()
@@ -75,10 +77,12 @@ def _verify(password_hash: str, password: str) -> bool:
         return False
 
 
-def add_user(engine: Engine, name: str, role: str, password: str) -> bool:
+def add_user(engine: Engine, name: str, role: str, password: str,
+             actor: str | None = None, client: str | None = "cli") -> bool:
     """Create a database user, or reset the role and password of an existing one.
 
-    Returns True when the user is new. Meant for ``triaged`` CLI commands.
+    Resetting ends every session of the user: whoever knew the old password (or holds a
+    stolen cookie) is out at once. Returns True when the user is new. Audited.
     """
     name = name.strip()
     if not name or len(name) > 64:
@@ -91,22 +95,82 @@ def add_user(engine: Engine, name: str, role: str, password: str) -> bool:
         if user is None:
             s.add(User(name=name, role=role, password_hash=password_hash, disabled=False,
                        created_at=utcnow()))
+            _audit(s, actor, "user_created", name, client, role)
             return True
         user.role = role
         user.password_hash = password_hash
         user.disabled = False
+        ended = _end_sessions(s, name)
+        _audit(s, actor, "user_password_set", name, client, f"{role}; {ended} session(s) ended")
         return False
 
 
-def disable_user(engine: Engine, name: str) -> bool:
+def disable_user(engine: Engine, name: str, actor: str | None = None,
+                 client: str | None = "cli") -> bool:
     """Disable a database user and end their sessions; False if there is no such user."""
     with Session(engine) as s, s.begin():
         user = s.scalars(select(User).where(User.name == name)).one_or_none()
         if user is None:
             return False
         user.disabled = True
-        s.execute(delete(WebSession).where(WebSession.user_name == name))
+        ended = _end_sessions(s, name)
+        _audit(s, actor, "user_disabled", name, client, f"{ended} session(s) ended")
         return True
+
+
+def enable_user(engine: Engine, name: str, actor: str | None = None,
+                client: str | None = "cli") -> bool:
+    """Let a disabled database user log in again; False if there is no such user."""
+    with Session(engine) as s, s.begin():
+        user = s.scalars(select(User).where(User.name == name)).one_or_none()
+        if user is None:
+            return False
+        user.disabled = False
+        _audit(s, actor, "user_enabled", name, client, None)
+        return True
+
+
+CONFIG_PASSWORD_ACTION = "config_password_seen"
+
+
+def _fingerprint(password_hash: str) -> str:
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
+
+
+def end_sessions_of_changed_config_users(engine: Engine, config_users: Sequence[WebUser]
+                                         ) -> list[str]:
+    """End the sessions of ``[web] users`` whose password hash changed in the config.
+
+    A config edit is a password change too. The hash each user had at the last start is
+    remembered (as a fingerprint) in the audit log, which every process shares; a new
+    one ends that user's sessions everywhere. Returns the users whose hash changed.
+    """
+    changed: list[str] = []
+    with Session(engine) as s, s.begin():
+        for u in config_users:
+            fp = _fingerprint(u.password_hash)
+            last = s.scalar(
+                select(AuditEntry.detail)
+                .where(AuditEntry.action == CONFIG_PASSWORD_ACTION, AuditEntry.target == u.name)
+                .order_by(AuditEntry.id.desc()).limit(1))
+            if last == fp:
+                continue
+            _end_sessions(s, u.name)
+            _audit(s, None, CONFIG_PASSWORD_ACTION, u.name, "config", fp)
+            if last is not None:
+                changed.append(u.name)
+    return changed
+
+
+def _end_sessions(s: Session, name: str) -> int:
+    result = s.execute(delete(WebSession).where(WebSession.user_name == name))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _audit(s: Session, actor: str | None, action: str, target: str, client: str | None,
+           detail: str | None) -> None:
+    s.add(AuditEntry(at=utcnow(), user_name=actor, action=action, target=target[:200],
+                     client=client, detail=detail))
 
 
 class Users:
@@ -115,6 +179,18 @@ class Users:
     def __init__(self, engine: Engine, config_users: Sequence[WebUser]) -> None:
         self.engine = engine
         self.config_users = {u.name: u for u in config_users}
+        self._config_checked = False
+
+    def check_config_passwords(self) -> None:
+        """Once per process (at start, or at first use if the database was down then)."""
+        if self._config_checked:
+            return
+        changed = end_sessions_of_changed_config_users(self.engine,
+                                                       list(self.config_users.values()))
+        self._config_checked = True
+        for name in changed:
+            log.info("[web] users: the password of %s changed in the config; their sessions "
+                     "were ended", name)
 
     def role_of(self, name: str) -> str | None:
         """The current role of an active user, None if the user is unknown or disabled."""
@@ -125,6 +201,7 @@ class Users:
             return None if user is None or user.disabled else user.role
 
     def authenticate(self, name: str, password: str) -> Principal | None:
+        self.check_config_passwords()
         cfg = self.config_users.get(name)
         if cfg is not None:
             return Principal(cfg.name, cfg.role) if _verify(cfg.password_hash, password) else None
@@ -175,6 +252,7 @@ class Sessions:
             token = self._signer.unsign(cookie).decode()
         except BadSignature:
             return None
+        self.users.check_config_passwords()
         with Session(self.engine) as s:
             row = s.get(WebSession, _digest(token))
             if row is None or row.expires_at < utcnow():

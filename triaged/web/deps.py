@@ -46,7 +46,6 @@ class WebContext:
     sessions: Sessions
     templates: Jinja2Templates
     spool_root: Path
-    secure_cookies: bool
 
 
 class LoginRequired(Exception):
@@ -70,7 +69,15 @@ def ctx(request: Request) -> WebContext:
 
 
 def client_address(request: Request) -> str | None:
+    """The client's address: the TCP peer, or X-Forwarded-For only from a trusted proxy
+    (``[web] trusted_proxies``, applied by uvicorn before the app sees the request)."""
     return request.client.host if request.client else None
+
+
+def secure_cookies(request: Request) -> bool:
+    """Whether cookies get ``Secure``: ``[web] secure_cookies``, "auto" = came over HTTPS."""
+    mode = ctx(request).settings.web.secure_cookies
+    return request.url.scheme == "https" if mode == "auto" else bool(mode)
 
 
 def login_session(request: Request) -> LoginSession | None:
@@ -179,8 +186,12 @@ def basic_principal(request: Request) -> Principal | None:
         return None
     c = ctx(request)
     client = client_address(request)
-    if queries.login_throttled(c.engine, c.settings.web, name, client):
-        return None
+    throttle = queries.login_throttle(c.engine, c.settings.web, name[:64], client)
+    if throttle.retry_after:
+        with Session(c.engine) as s, s.begin():
+            queries.audit(s, name[:64] or None, "login_throttled", None, client, "basic")
+        raise HTTPException(429, "too many failed logins from this address",
+                            headers={"Retry-After": str(throttle.retry_after)})
     principal = c.users.authenticate(name, password)
     if principal is None:
         with Session(c.engine) as s, s.begin():

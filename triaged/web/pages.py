@@ -7,10 +7,13 @@ Forms post with the session's CSRF token and redirect afterwards (post/redirect/
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from markupsafe import Markup
 from sqlalchemy.orm import Session
@@ -31,6 +34,7 @@ from triaged.web.deps import (
     page_csrf,
     page_user,
     safe_next,
+    secure_cookies,
 )
 from triaged.web.plot import slice_plot_svg
 from triaged.worklist.models import StudyState, utcnow
@@ -58,7 +62,7 @@ def _login_form(c: WebContext, request: Request, next_url: str, error: str | Non
     resp = render(c, request, "login.html", None, status_code, next=next_url, error=error,
                   login_token=token)
     resp.set_cookie(LOGIN_COOKIE, nonce, max_age=3600, path="/login", httponly=True,
-                    samesite="strict", secure=c.secure_cookies)
+                    samesite="strict", secure=secure_cookies(request))
     return resp
 
 
@@ -69,33 +73,46 @@ def login_page(request: Request, c: Ctx, next: str = "/") -> Response:
     return _login_form(c, request, safe_next(next))
 
 
+def _audit_login(c: WebContext, name: str, action: str, client: str | None) -> None:
+    with Session(c.engine) as s, s.begin():
+        queries.audit(s, name or None, action, None, client)
+
+
+def _wait_words(seconds: int) -> str:
+    return f"{seconds} seconds" if seconds < 120 else f"{math.ceil(seconds / 60)} minutes"
+
+
 @router.post("/login", response_class=HTMLResponse)
-def login(
+async def login(
     request: Request, c: Ctx,
     username: Annotated[str, Form()] = "", password: Annotated[str, Form()] = "",
     csrf_token: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/",
 ) -> Response:
+    """Async so that the per-account slow-down waits without holding a worker thread."""
     target = safe_next(next)
     if not c.sessions.check_login_nonce(request.cookies.get(LOGIN_COOKIE), csrf_token):
         return _login_form(c, request, target, "The login form expired. Please try again.",
                            403)
     name, client = username.strip()[:64], client_address(request)
-    if queries.login_throttled(c.engine, c.settings.web, name, client):
-        with Session(c.engine) as s, s.begin():
-            queries.audit(s, name or None, "login_throttled", None, client)
-        minutes = int(c.settings.web.lockout_minutes)
-        return _login_form(c, request, target, "Too many failed logins: try again in "
-                           f"{minutes} minutes.", 429)
-    principal = c.users.authenticate(username.strip(), password)
-    with Session(c.engine) as s, s.begin():
-        queries.audit(s, username.strip()[:64] or None,
-                      "login" if principal else "login_failed", None, client_address(request))
+    throttle = await run_in_threadpool(queries.login_throttle, c.engine, c.settings.web,
+                                       name, client)
+    if throttle.retry_after:
+        await run_in_threadpool(_audit_login, c, name, "login_throttled", client)
+        refused = _login_form(c, request, target, "Too many failed logins from your address: "
+                              f"try again in {_wait_words(throttle.retry_after)}.", 429)
+        refused.headers["Retry-After"] = str(throttle.retry_after)
+        return refused
+    if throttle.account_delay:
+        await asyncio.sleep(throttle.account_delay)
+    principal = await run_in_threadpool(c.users.authenticate, name, password)
+    await run_in_threadpool(_audit_login, c, name, "login" if principal else "login_failed",
+                            client)
     if principal is None:
         return _login_form(c, request, target, "Unknown user or wrong password.", 401)
-    cookie, _csrf = c.sessions.create(principal, client_address(request))
+    cookie, _csrf = await run_in_threadpool(c.sessions.create, principal, client)
     resp = RedirectResponse(target, status_code=303)
     resp.set_cookie(SESSION_COOKIE, cookie, max_age=int(c.sessions.lifetime.total_seconds()),
-                    path="/", httponly=True, samesite="strict", secure=c.secure_cookies)
+                    path="/", httponly=True, samesite="strict", secure=secure_cookies(request))
     resp.delete_cookie(LOGIN_COOKIE, path="/login")
     return resp
 

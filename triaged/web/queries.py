@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -16,7 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, and_, func, or_, select
+from sqlalchemy import ColumnElement, Engine, and_, func, select
 from sqlalchemy.orm import Session
 
 from triaged.config import WebSettings
@@ -466,25 +467,57 @@ def export_labels(engine: Engine, path: str | os.PathLike[str],
     return len(export.labels)
 
 
-def failed_logins(session: Session, user: str, client: str | None, minutes: float) -> int:
-    """Failed logins for this user name or from this address in the last ``minutes``.
+@dataclass(frozen=True)
+class LoginThrottle:
+    """What a login attempt must wait for: ``retry_after`` > 0 refuses it (429)."""
 
-    Read from the audit log, so every process serving the page sees the same count.
+    retry_after: int
+    account_delay: float
+
+
+def _failures(session: Session, since: datetime, where: Any) -> tuple[int, datetime | None]:
+    """Failed logins matching ``where`` since ``since``: how many, and the latest."""
+    count, last = session.execute(
+        select(func.count(), func.max(AuditEntry.at)).where(
+            AuditEntry.action == "login_failed", AuditEntry.at >= since, where)
+    ).one()
+    return int(count or 0), last
+
+
+def address_backoff(failures: int, web: WebSettings) -> float:
+    """Seconds an address waits after its latest failure: doubling beyond the allowance."""
+    extra = failures - web.login_failures_allowed
+    if extra < 0:
+        return 0.0
+    return min(web.login_backoff_seconds * 2.0 ** min(extra, 60), web.login_backoff_max_seconds)
+
+
+def account_delay(failures: int, web: WebSettings) -> float:
+    """A short, capped slow-down for an account under attack; never a refusal, so a
+    stranger's wrong passwords cannot lock the real user out."""
+    extra = failures - web.login_failures_allowed
+    if extra < 0:
+        return 0.0
+    return min(0.25 * 2.0 ** min(extra, 60), web.login_account_delay_max_seconds)
+
+
+def login_throttle(engine: Engine, web: WebSettings, user: str, client: str | None,
+                   now: datetime | None = None) -> LoginThrottle:
+    """Throttle per client address (exponential backoff), slow down per account.
+
+    Read from the audit log, so every process serving the page sees the same counts.
     """
-    since = utcnow() - timedelta(minutes=minutes)
-    who = AuditEntry.user_name == user
-    if client:
-        who = or_(who, AuditEntry.client == client)
-    return int(session.scalar(
-        select(func.count()).select_from(AuditEntry).where(
-            AuditEntry.action == "login_failed", AuditEntry.at >= since, who)
-    ) or 0)
-
-
-def login_throttled(engine: Engine, web: WebSettings, user: str, client: str | None) -> bool:
-    """True when too many logins failed lately: refuse before even checking the password."""
+    now = now or utcnow()
+    since = now - timedelta(minutes=web.login_window_minutes)
+    retry_after = 0
     with Session(engine) as s:
-        return failed_logins(s, user, client, web.lockout_minutes) >= web.max_failed_logins
+        if client:
+            n, last = _failures(s, since, AuditEntry.client == client)
+            if last is not None:
+                wait = (last + timedelta(seconds=address_backoff(n, web)) - now).total_seconds()
+                retry_after = max(0, math.ceil(wait))
+        n_user, _ = _failures(s, since, AuditEntry.user_name == user) if user else (0, None)
+    return LoginThrottle(retry_after, account_delay(n_user, web))
 
 
 def audit(

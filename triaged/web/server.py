@@ -11,7 +11,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -63,10 +63,14 @@ class WebServer:
 
 
 def serve_in_thread(app: FastAPI, bind: str, port: int, tls: TLSSettings | None = None,
-                    timeout: float = 15.0) -> WebServer:
+                    timeout: float = 15.0, trusted_proxies: Sequence[str] = ()) -> WebServer:
     """Start serving ``app`` on ``bind:port`` (HTTPS when ``tls`` is set) and wait until up.
 
     With ``tls.ca`` set, clients must present a certificate that chains to it.
+    X-Forwarded-For/-Proto are believed only from ``trusted_proxies`` (uvicorn would
+    otherwise trust 127.0.0.1, so anything on the host could pick its client address).
+    uvicorn's own log configuration is off: its records go through triaged's handlers
+    (and their patient-data redaction) instead of a handler of its own.
     Raises RuntimeError if the server cannot start (port taken, bad certificate).
     """
     kwargs: dict[str, object] = {}
@@ -75,6 +79,8 @@ def serve_in_thread(app: FastAPI, bind: str, port: int, tls: TLSSettings | None 
         if tls.ca is not None:
             kwargs |= {"ssl_ca_certs": str(tls.ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     config = uvicorn.Config(app, host=bind, port=port, log_level="warning", access_log=False,
+                            log_config=None, proxy_headers=bool(trusted_proxies),
+                            forwarded_allow_ips=list(trusted_proxies),
                             lifespan="off", server_header=False,
                             timeout_graceful_shutdown=5, **kwargs)  # type: ignore[arg-type]
     server = uvicorn.Server(config)
@@ -116,4 +122,4 @@ def start_web(
 
     app = create_app(settings, engine, store=store, status=status, echo=echo,
                      session_lifetime=timedelta(hours=web.session_hours))
-    return serve_in_thread(app, web.bind, web.port, web.tls)
+    return serve_in_thread(app, web.bind, web.port, web.tls, trusted_proxies=web.trusted_proxies)

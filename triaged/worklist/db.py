@@ -35,8 +35,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; for SQLite the parent folder is created and pragmas are set."""
+def make_engine(url: str, log_phi: bool = False) -> Engine:
+    """Create an engine; for SQLite the parent folder is created and pragmas are set.
+
+    Bound parameters (Patient ID, accession...) are left out of error messages and SQL
+    logging unless ``log_phi`` (``[logging] phi``) asks for them.
+    """
     try:
         parsed = make_url(url)
     except ArgumentError as err:
@@ -45,7 +49,8 @@ def make_engine(url: str) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_MS / 1000, "check_same_thread": False}
+            url, connect_args={"timeout": SQLITE_BUSY_MS / 1000, "check_same_thread": False},
+            hide_parameters=not log_phi,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; emit BEGIN IMMEDIATE ourselves.
@@ -55,7 +60,8 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _no_pysqlite_begin)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                         hide_parameters=not log_phi)
 
 
 def _no_pysqlite_begin(dbapi_conn: Any, _record: Any) -> None:
