@@ -4,7 +4,9 @@ The SCP answers Success only after both the file and its row exist, but a crash 
 between the two steps (file linked, row not committed) or an operator can delete files.
 So at start: temp files of unfinished transfers are dropped (never acknowledged), files
 the database does not know are indexed, rows whose file vanished are marked, and
-associations left open by the dead process are marked aborted.
+associations left open by the dead process are marked aborted. A file is indexed only
+when its header agrees with its place (``<study>/<series>/<sop>.dcm``) and with what the
+database holds (see ``IdentityConflict``); any other file is logged and left alone.
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session
 
 from triaged.dicom.header import BadInstance, read_meta
-from triaged.dicom.spool import Spool
+from triaged.dicom.spool import Spool, SpooledFile
 from triaged.worklist.models import Association, AssociationState, Instance
-from triaged.worklist.studies import abort_open_associations, record_instance
+from triaged.worklist.studies import (
+    IdentityConflict,
+    InstanceMeta,
+    abort_open_associations,
+    record_instance,
+)
 
 log = logging.getLogger("triaged.reconcile")
 
@@ -31,6 +38,7 @@ class ReconcileReport:
     associations_aborted: int
     files_indexed: int
     files_unreadable: int
+    files_mismatched: int
     rows_never_acknowledged: int
     rows_missing_file: int
 
@@ -47,11 +55,15 @@ def reconcile(spool: Spool, engine: Engine) -> ReconcileReport:
                 .where(Instance.file_missing.is_(False))
             ).all()
         }
-    indexed = unreadable = 0
+    indexed = unreadable = mismatched = 0
     on_disk: set[str] = set()
     for f in spool.iter_files():
         on_disk.add(f.sop_instance_uid)
         if f.sop_instance_uid in known:
+            # <study>/<series>/<sop>.dcm: the same place, even if the spool was moved
+            if Path(known[f.sop_instance_uid][0]).parts[-3:] != f.path.parts[-3:]:
+                mismatched += 1
+                log.warning("spooled file %s: instance stored elsewhere; not indexed", f.path)
             continue
         try:
             meta = read_meta(f.path)
@@ -59,8 +71,16 @@ def reconcile(spool: Spool, engine: Engine) -> ReconcileReport:
             unreadable += 1
             log.warning("spooled file %s unreadable: %s", f.path, err)
             continue
-        with Session(engine) as s, s.begin():
-            record_instance(s, meta, str(f.path), f.path.stat().st_size, None)
+        problem = _misplaced(f, meta)
+        try:
+            if problem is not None:
+                raise IdentityConflict(problem)
+            with Session(engine) as s, s.begin():
+                record_instance(s, meta, str(f.path), f.path.stat().st_size, None)
+        except IdentityConflict as err:
+            mismatched += 1
+            log.warning("spooled file %s not indexed: %s", f.path, err)
+            continue
         indexed += 1
     gone = [
         (uid, state)
@@ -81,13 +101,27 @@ def reconcile(spool: Spool, engine: Engine) -> ReconcileReport:
                 .where(Instance.sop_instance_uid.in_(missing[i : i + 500]))
                 .values(file_missing=True)
             )
-    report = ReconcileReport(removed, aborted, indexed, unreadable, len(unacked), len(missing))
+    report = ReconcileReport(
+        removed, aborted, indexed, unreadable, mismatched, len(unacked), len(missing)
+    )
     log.info(
         "reconciled spool and database: %d temp files removed, %d associations marked aborted, "
-        "%d files indexed, %d unreadable, %d unacknowledged rows dropped, %d rows without file",
+        "%d files indexed, %d unreadable, %d not what their place says, "
+        "%d unacknowledged rows dropped, %d rows without file",
         *(getattr(report, k) for k in report.__dataclass_fields__),
     )
     return report
+
+
+def _misplaced(f: SpooledFile, meta: InstanceMeta) -> str | None:
+    """Why a file's header disagrees with the folder it lies in, or None."""
+    if meta.study_instance_uid != f.study_instance_uid:
+        return "header names another study than its folder"
+    if meta.series_instance_uid != f.series_instance_uid:
+        return "header names another series than its folder"
+    if meta.sop_instance_uid != f.sop_instance_uid:
+        return "header names another SOP Instance than its file name"
+    return None
 
 
 def pid_alive(pid: int) -> bool:

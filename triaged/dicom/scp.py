@@ -43,11 +43,12 @@ from sqlalchemy.orm import Session
 
 from triaged.config import DicomSettings, TLSSettings
 from triaged.dicom import reactor
-from triaged.dicom.header import BadInstance, read_meta
+from triaged.dicom.header import BadInstance, read_meta, uid_problem
 from triaged.dicom.spool import OutOfSpace, Spool, SpoolError
 from triaged.worklist.models import AssociationState
 from triaged.worklist.studies import (
     IdCache,
+    IdentityConflict,
     close_association,
     forget_instance,
     open_association,
@@ -75,6 +76,9 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+#: A "cannot understand" code of its own: the instance contradicts a stored one (its SOP
+#: Instance UID under another study or series, another Patient ID); ErrorComment says which.
+IDENTITY_CONFLICT = 0xC001
 
 
 @dataclass
@@ -302,8 +306,12 @@ class StoreSCP:
         synced = self._io.submit(self.spool.sync, temp)
         try:
             meta = read_meta(temp)
-            if req_uid and meta.sop_instance_uid != req_uid:
-                raise BadInstance("invalid: SOP Instance UID differs from request")
+            if req_uid:
+                problem = uid_problem(req_uid)
+                if problem is not None:
+                    raise BadInstance(f"invalid Affected SOP Instance UID: {problem}")
+                if meta.sop_instance_uid != req_uid:
+                    raise BadInstance("invalid: SOP Instance UID differs from request")
             self.spool.path_for(
                 meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
             )
@@ -320,6 +328,9 @@ class StoreSCP:
                 created = record_instance(
                     s, meta, str(final), temp.stat().st_size, st.id, cache=self._ids
                 )
+        except IdentityConflict as err:
+            synced.exception()  # rolled back: nothing recorded, nothing placed
+            return self._fail(st, IDENTITY_CONFLICT, str(err), req_uid)
         except SQLAlchemyError as err:
             synced.exception()
             log.error("database error while recording %s: %s", meta.sop_instance_uid, err)

@@ -7,6 +7,7 @@ PostgreSQL and testable without a network. Every state change goes through
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +53,14 @@ class InstanceMeta:
     series_number: int | None = None
     series_description: str | None = None
     instance_number: int | None = None
+
+
+class IdentityConflict(Exception):
+    """An instance contradicts what is stored: another study, series or patient.
+
+    The message names the conflict with UIDs only (never patient data); it goes to the
+    log and to the C-STORE failure status. Nothing is recorded.
+    """
 
 
 def _insert(session: Session):  # type: ignore[no-untyped-def]
@@ -113,9 +122,18 @@ def _upsert_series(session: Session, study: Study, meta: InstanceMeta, now: date
         created_at=now,
     )
     session.execute(ins.on_conflict_do_nothing(index_elements=["series_instance_uid"]))
-    return session.scalars(
+    series = session.scalars(
         select(Series).where(Series.series_instance_uid == meta.series_instance_uid)
     ).one()
+    if series.study_id != study.id:
+        raise IdentityConflict("Series Instance UID already stored under another study")
+    return series
+
+
+def _check_patient(study: Study, meta: InstanceMeta) -> None:
+    """One study, one patient: an instance naming another Patient ID is refused."""
+    if study.patient_id != meta.patient_id:
+        raise IdentityConflict("Patient ID differs from the stored study's")
 
 
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
@@ -128,20 +146,26 @@ class IdCache:
     """Study and series row ids by UID, so that the SCP's hot path skips the upserts.
 
     Only a hint: the fast path re-checks the study's state in the same statement and
-    falls back to the full upsert when the study is no longer RECEIVING.
+    falls back to the full upsert when the study is no longer RECEIVING. An entry holds
+    the study's Patient ID too; an instance naming another one takes the full path,
+    which refuses it.
     """
 
     def __init__(self, max_entries: int = 4096) -> None:
         self.max_entries = max_entries
-        self._ids: dict[tuple[str, str], tuple[int, int]] = {}
+        self._ids: dict[tuple[str, str], tuple[int, int, str | None]] = {}
 
     def get(self, meta: InstanceMeta) -> tuple[int, int] | None:
-        return self._ids.get((meta.study_instance_uid, meta.series_instance_uid))
+        hit = self._ids.get((meta.study_instance_uid, meta.series_instance_uid))
+        if hit is None or hit[2] != meta.patient_id:
+            return None
+        return hit[0], hit[1]
 
     def put(self, meta: InstanceMeta, study_id: int, series_id: int) -> None:
         if len(self._ids) >= self.max_entries:
             self._ids.clear()
-        self._ids[(meta.study_instance_uid, meta.series_instance_uid)] = (study_id, series_id)
+        key = (meta.study_instance_uid, meta.series_instance_uid)
+        self._ids[key] = (study_id, series_id, meta.patient_id)
 
 
 _INSTANCE_INSERTS: dict[str, Any] = {}
@@ -167,6 +191,14 @@ def _instance_insert(session: Session) -> Any:
     return stmt
 
 
+class Stored(enum.Enum):
+    """What recording an instance did."""
+
+    NEW = "new"
+    DUPLICATE = "duplicate"  # the same instance again, same study, series and file
+    RESTORED = "restored"  # the same instance, whose file had gone missing
+
+
 _STUDIES = cast(Table, Study.__table__)
 _TOUCH_RECEIVING = (
     update(_STUDIES)
@@ -184,7 +216,8 @@ def _insert_instance(
     size_bytes: int,
     association_id: int | None,
     now: datetime,
-) -> bool:
+) -> Stored:
+    """Insert the instance's row; a known SOP Instance UID must be where it was before."""
     row = {
         "study_id": study_id,
         "series_id": series_id,
@@ -199,14 +232,31 @@ def _insert_instance(
         "file_missing": False,
     }
     # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
-    created = session.connection().execute(_instance_insert(session), row).first() is not None
-    if not created:
-        session.execute(
-            update(Instance)
-            .where(Instance.sop_instance_uid == meta.sop_instance_uid)
-            .values(association_id=association_id, file_missing=False, path=path)
-        )
-    return created
+    known = None
+    for _ in range(2):  # a row that vanished between the two statements: insert again
+        if session.connection().execute(_instance_insert(session), row).first() is not None:
+            return Stored.NEW
+        known = session.execute(
+            select(Instance.study_id, Instance.series_id, Instance.file_missing).where(
+                Instance.sop_instance_uid == meta.sop_instance_uid
+            )
+        ).one_or_none()
+        if known is not None:
+            break
+    if known is None:
+        raise IdentityConflict("SOP Instance UID changing under concurrent stores")
+    if known.study_id != study_id:
+        raise IdentityConflict("SOP Instance already stored under another study")
+    if known.series_id != series_id:
+        raise IdentityConflict("SOP Instance already stored under another series")
+    # The same instance again: a resend confirms an instance whose first association
+    # aborted, and brings back a file the operator removed.
+    session.execute(
+        update(Instance)
+        .where(Instance.sop_instance_uid == meta.sop_instance_uid)
+        .values(association_id=association_id, file_missing=False, path=path)
+    )
+    return Stored.RESTORED if known.file_missing else Stored.DUPLICATE
 
 
 def record_instance(
@@ -220,9 +270,15 @@ def record_instance(
 ) -> bool:
     """Record a spooled instance; returns False when the SOP Instance UID was known already.
 
+    An instance, its study, its series and its file always agree: an instance that
+    contradicts what is stored (its SOP Instance UID under another study or series, its
+    series under another study, another Patient ID than its study's) raises
+    :class:`IdentityConflict` and the caller's transaction must be rolled back.
+
     A known instance is re-attributed to the current association (a resend confirms an
-    instance whose first association aborted). An arrival for a study past RECEIVING
-    reopens it: its pending scoring job is cancelled and it will be completed again.
+    instance whose first association aborted). Only new content (a new instance, or the
+    file of one marked missing) reopens a study past RECEIVING: its pending scoring job
+    is cancelled and it will be completed again. An exact resend changes nothing else.
     """
     now = now or utcnow()
     ids = cache.get(meta) if cache is not None else None
@@ -230,23 +286,26 @@ def record_instance(
         res = session.connection().execute(_TOUCH_RECEIVING, {"study_id": ids[0], "now": now})
         touched = cast("CursorResult[Any]", res).rowcount
         if touched:
-            return _insert_instance(
+            stored = _insert_instance(
                 session, meta, ids[0], ids[1], path, size_bytes, association_id, now
             )
+            return stored is Stored.NEW
     study = _upsert_study(session, meta, now)
+    _check_patient(study, meta)
     series = _upsert_series(session, study, meta, now)
-    if cache is not None:
-        cache.put(meta, study.id, series.id)
-    created = _insert_instance(
+    stored = _insert_instance(
         session, meta, study.id, series.id, path, size_bytes, association_id, now
     )
-    if not created and study.state == StudyState.RECEIVING:
+    if cache is not None:
+        cache.put(meta, study.id, series.id)
+    if stored is Stored.DUPLICATE:
         return False
-    study.last_received_at = now
-    study.updated_at = now
+    if study.state == StudyState.RECEIVING or stored is Stored.NEW:
+        study.last_received_at = now
+        study.updated_at = now
     if study.state != StudyState.RECEIVING:
         reopen(session, study, now)
-    return created
+    return stored is Stored.NEW
 
 
 def forget_instance(session: Session, sop_instance_uid: str) -> None:
@@ -412,6 +471,27 @@ def study_files(session: Session, study_instance_uid: str) -> Sequence[Instance]
         .where(Study.study_instance_uid == study_instance_uid, Instance.file_missing.is_(False))
         .order_by(Instance.series_id, Instance.instance_number, Instance.id)
     ).all()
+
+
+def study_file_identities(
+    session: Session, study_instance_uid: str
+) -> list[tuple[str, str, str, str, str | None]]:
+    """(path, study UID, series UID, SOP Instance UID, the study's Patient ID) of each file
+    the worker will read, in :func:`study_files` order: what each file must say it is."""
+    rows = session.execute(
+        select(
+            Instance.path,
+            Study.study_instance_uid,
+            Series.series_instance_uid,
+            Instance.sop_instance_uid,
+            Study.patient_id,
+        )
+        .join(Study, Study.id == Instance.study_id)
+        .join(Series, Series.id == Instance.series_id)
+        .where(Study.study_instance_uid == study_instance_uid, Instance.file_missing.is_(False))
+        .order_by(Instance.series_id, Instance.instance_number, Instance.id)
+    ).all()
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
 def counts_by_state(engine: Engine) -> dict[str, int]:
