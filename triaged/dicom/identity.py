@@ -43,12 +43,12 @@ def mismatch(expected: RecordedFile) -> str | None:
     except BadInstance as err:
         return f"file of SOP Instance {expected.sop_instance_uid} is invalid: {err}"
     sop = expected.sop_instance_uid
-    if meta.sop_instance_uid != sop:
-        return f"file of SOP Instance {sop} holds SOP Instance {meta.sop_instance_uid}"
     if meta.study_instance_uid != expected.study_instance_uid:
         return f"file of SOP Instance {sop} belongs to study {meta.study_instance_uid}"
     if meta.series_instance_uid != expected.series_instance_uid:
         return f"file of SOP Instance {sop} belongs to series {meta.series_instance_uid}"
+    if meta.sop_instance_uid != sop:
+        return f"file of SOP Instance {sop} holds SOP Instance {meta.sop_instance_uid}"
     if meta.patient_id != expected.patient_id:
         return f"file of SOP Instance {sop} names another Patient ID than its study"
     return None
