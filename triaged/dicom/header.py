@@ -99,6 +99,11 @@ def uid_from_dataset(ds: Dataset, keyword: str) -> str:
     return value
 
 
+def patient_id_of(ds: Dataset) -> str | None:
+    """The Patient ID as the worklist stores and compares it."""
+    return _text(ds, "PatientID")
+
+
 def meta_from_dataset(ds: Dataset, transfer_syntax_uid: str) -> InstanceMeta:
     """Validate the identifying UIDs (whole values, before anything is cut) and collect the
     worklist fields."""
@@ -112,7 +117,7 @@ def meta_from_dataset(ds: Dataset, transfer_syntax_uid: str) -> InstanceMeta:
         sop_instance_uid=uids["SOPInstanceUID"],
         sop_class_uid=uids["SOPClassUID"],
         transfer_syntax_uid=transfer_syntax_uid,
-        patient_id=_text(ds, "PatientID"),
+        patient_id=patient_id_of(ds),
         accession_number=_text(ds, "AccessionNumber", 16),
         study_date=_text(ds, "StudyDate", 8),
         study_description=_text(ds, "StudyDescription", 128),

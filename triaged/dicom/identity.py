@@ -14,7 +14,10 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from triaged.dicom.header import BadInstance, meta_from_dataset
+from triaged.dicom.header import BadInstance, patient_id_of, uid_from_dataset
+
+#: Only what identifies the file: parsing skips everything else.
+IDENTITY_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"]
 
 
 @dataclass(frozen=True)
@@ -35,21 +38,21 @@ def mismatch(expected: RecordedFile) -> str | None:
     cannot take pixels from it either.
     """
     try:
-        ds = dcmread(expected.path, stop_before_pixels=True)
+        ds = dcmread(expected.path, stop_before_pixels=True, specific_tags=IDENTITY_TAGS)
     except Exception:  # pydicom raises many kinds on corrupt input
         return None
-    try:
-        meta = meta_from_dataset(ds, "")
-    except BadInstance as err:
-        return f"file of SOP Instance {expected.sop_instance_uid} is invalid: {err}"
     sop = expected.sop_instance_uid
-    if meta.study_instance_uid != expected.study_instance_uid:
-        return f"file of SOP Instance {sop} belongs to study {meta.study_instance_uid}"
-    if meta.series_instance_uid != expected.series_instance_uid:
-        return f"file of SOP Instance {sop} belongs to series {meta.series_instance_uid}"
-    if meta.sop_instance_uid != sop:
-        return f"file of SOP Instance {sop} holds SOP Instance {meta.sop_instance_uid}"
-    if meta.patient_id != expected.patient_id:
+    try:
+        study, series, found = (uid_from_dataset(ds, k) for k in IDENTITY_TAGS[:3])
+    except BadInstance as err:
+        return f"file of SOP Instance {sop} is invalid: {err}"
+    if study != expected.study_instance_uid:
+        return f"file of SOP Instance {sop} belongs to study {study}"
+    if series != expected.series_instance_uid:
+        return f"file of SOP Instance {sop} belongs to series {series}"
+    if found != sop:
+        return f"file of SOP Instance {sop} holds SOP Instance {found}"
+    if patient_id_of(ds) != expected.patient_id:
         return f"file of SOP Instance {sop} names another Patient ID than its study"
     return None
 

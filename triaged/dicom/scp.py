@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 
 from triaged.config import DicomSettings, TLSSettings
 from triaged.dicom import reactor
-from triaged.dicom.header import BadInstance, read_meta, uid_problem
+from triaged.dicom.header import BadInstance, read_meta
 from triaged.dicom.spool import OutOfSpace, Spool, SpoolError
 from triaged.worklist.models import AssociationState
 from triaged.worklist.studies import (
@@ -305,13 +305,12 @@ class StoreSCP:
         # database write; Success still waits for both and for the durable name.
         synced = self._io.submit(self.spool.sync, temp)
         try:
-            meta = read_meta(temp)
-            if req_uid:
-                problem = uid_problem(req_uid)
-                if problem is not None:
-                    raise BadInstance(f"invalid Affected SOP Instance UID: {problem}")
-                if meta.sop_instance_uid != req_uid:
-                    raise BadInstance("invalid: SOP Instance UID differs from request")
+            meta = read_meta(temp)  # the dataset's UIDs, validated whole
+            # The request's Affected SOP Instance UID must be the same, compared whole: a
+            # peer may cut its own copy to 64 characters (dcmtk does), pynetdicom refuses
+            # a longer one, and a valid dataset UID equal to it makes it valid too.
+            if req_uid and meta.sop_instance_uid != req_uid:
+                raise BadInstance("invalid: SOP Instance UID differs from request")
             self.spool.path_for(
                 meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
             )
