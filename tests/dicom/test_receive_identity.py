@@ -343,12 +343,21 @@ def test_restart_reconcile_does_not_index_a_file_that_disagrees_with_its_folder(
     )
     stray = folder / f"{pydicom.dcmread(foreign).SOPInstanceUID}.dcm"
     stray.write_bytes(foreign.read_bytes())
-    # and one of S1's instances copied into another study's folder (what the old bug left)
+    # and one of S1's instances copied into another study's folder
     split = generate_uid()
     (moved,) = rewrite([files[1]], tmp_path / "moved", StudyInstanceUID=split)
     sop = read_meta(files[1]).sop_instance_uid
     (d.spool / split / series).mkdir(parents=True)
-    (d.spool / split / series / f"{sop}.dcm").write_bytes(moved.read_bytes())
+    elsewhere = d.spool / split / series / f"{sop}.dcm"
+    elsewhere.write_bytes(moved.read_bytes())
+    # its row pointing there, as the old version left it after a study split resend
+    eng = sa.create_engine(db_url)
+    with eng.begin() as c:
+        c.execute(
+            sa.text("UPDATE instances SET path = :p WHERE sop_instance_uid = :u"),
+            {"p": str(elsewhere), "u": sop},
+        )
+    eng.dispose()
     d.start()
     assert instance_rows(db_url) == rows
     assert_spool_agrees(d.spool, db_url)
@@ -356,6 +365,8 @@ def test_restart_reconcile_does_not_index_a_file_that_disagrees_with_its_folder(
     assert f"{stray} not indexed: header names another study than its folder" in log
     assert "instance stored elsewhere; not indexed" in log
     assert "2 not what their place says" in log
+    assert f"instance {sop} pointed at another study's file; pointed back" in log
+    assert "1 rows pointed back" in log
     assert OTHER_PATIENT not in log
     assert [r["study_instance_uid"] for r in d.worklist()] == [study.study_instance_uid]
 
