@@ -245,7 +245,8 @@ def _meta_rows(files: list[Path], spool: Spool) -> list[tuple[Any, Path]]:
 
 
 def test_only_new_content_reopens_a_finished_study(engine, tmp_path) -> None:
-    """SCORED and DELIVERED studies stay so on an exact resend; a new instance reopens."""
+    """SCORED and DELIVERED studies stay so on an exact resend; a new instance reopens,
+    and so does a resend of a FAILED study (the operator's way to retry it)."""
     study = generate_study(tmp_path / "s", seed=24, slices=3, size=32)
     placed = _meta_rows(list(study.files), Spool(tmp_path / "spool", 1))
     with Session(engine) as s, s.begin():
@@ -268,6 +269,15 @@ def test_only_new_content_reopens_a_finished_study(engine, tmp_path) -> None:
         assert record_instance(s, m, str(path), 1, None)
     with Session(engine) as s:
         assert s.scalars(sa.select(Study.state)).one() == StudyState.RECEIVING
+    # a study that ended without a result is retried by an exact resend
+    with Session(engine) as s, s.begin():
+        set_state(s, s.scalars(sa.select(Study)).one(), StudyState.FAILED, "scoring failed")
+    with Session(engine) as s, s.begin():
+        m, path = placed[0]
+        assert not record_instance(s, m, str(path), 1, None)
+    with Session(engine) as s:
+        st = s.scalars(sa.select(Study)).one()
+        assert (st.state, st.state_reason) == (StudyState.RECEIVING, "resent")
 
 
 # -- defence in depth: the worker and restart reconcile check files against their rows ----

@@ -191,6 +191,10 @@ def _instance_insert(session: Session) -> Any:
     return stmt
 
 
+#: Finished without a result: an exact resend retries them.
+RETRIED_BY_RESEND = (StudyState.FAILED, StudyState.SKIPPED)
+
+
 class Stored(enum.Enum):
     """What recording an instance did."""
 
@@ -278,7 +282,9 @@ def record_instance(
     A known instance is re-attributed to the current association (a resend confirms an
     instance whose first association aborted). Only new content (a new instance, or the
     file of one marked missing) reopens a study past RECEIVING: its pending scoring job
-    is cancelled and it will be completed again. An exact resend changes nothing else.
+    is cancelled and it will be completed again. An exact resend changes nothing else,
+    except for a FAILED or SKIPPED study, which it reopens: resending is how an operator
+    retries one, and nothing of it was delivered.
     """
     now = now or utcnow()
     ids = cache.get(meta) if cache is not None else None
@@ -299,6 +305,8 @@ def record_instance(
     if cache is not None:
         cache.put(meta, study.id, series.id)
     if stored is Stored.DUPLICATE:
+        if study.state in RETRIED_BY_RESEND:
+            reopen(session, study, now, "resent")
         return False
     if study.state == StudyState.RECEIVING or stored is Stored.NEW:
         study.last_received_at = now
@@ -313,7 +321,9 @@ def forget_instance(session: Session, sop_instance_uid: str) -> None:
     session.execute(delete(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
-def reopen(session: Session, study: Study, now: datetime) -> None:
+def reopen(
+    session: Session, study: Study, now: datetime, why: str = "new instances arrived"
+) -> None:
     """New data for a study already completed: cancel its queued job and receive again."""
     session.execute(
         update(Job)
@@ -321,7 +331,8 @@ def reopen(session: Session, study: Study, now: datetime) -> None:
         .values(state=JobState.CANCELLED, finished_at=now, error="study reopened")
     )
     study.completed_at = None
-    set_state(session, study, StudyState.RECEIVING, "new instances arrived", now)
+    study.last_received_at = now
+    set_state(session, study, StudyState.RECEIVING, why, now)
 
 
 def open_association(session: Session, calling_ae: str, peer: str) -> int:
