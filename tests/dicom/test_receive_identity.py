@@ -8,6 +8,7 @@ and 8).
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from triaged.synthetic import generate_study
 from triaged.worker import Skipped, Worker
 from triaged.worklist.models import Job, JobState, Study, StudyState
 from triaged.worklist.studies import (
+    IdentityConflict,
+    InstanceMeta,
     complete_due_studies,
     record_instance,
     set_state,
@@ -380,3 +383,37 @@ def test_restart_reconcile_does_not_index_a_file_that_disagrees_with_its_folder(
     assert OTHER_PATIENT not in log
     assert [r["study_instance_uid"] for r in d.worklist()] == [study.study_instance_uid]
 
+
+
+def test_racing_stores_of_one_instance_under_two_studies_record_one(engine, tmp_path) -> None:
+    """Two associations at once, one SOP Instance UID, two studies: one wins, one refused."""
+    def meta(study: str, patient: str) -> InstanceMeta:
+        sop_class, syntax = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
+        return InstanceMeta(study, f"{study}.1", "1.2.3.4.5", sop_class, syntax, patient_id=patient)
+
+    outcomes: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def store(m: InstanceMeta) -> None:
+        barrier.wait()
+        try:
+            with Session(engine) as s, s.begin():
+                record_instance(s, m, f"/spool/{m.study_instance_uid}", 1, None)
+            outcomes.append(m.study_instance_uid)
+        except IdentityConflict as err:
+            outcomes.append(str(err))
+
+    threads = [
+        threading.Thread(target=store, args=(meta(uid, pid),))
+        for uid, pid in (("1.2.3.100", "PAT-A"), ("1.2.3.200", "PAT-B"))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    winner = next(o for o in outcomes if o.startswith("1.2.3."))
+    assert sorted(outcomes) == sorted([winner, "SOP Instance already stored under another study"])
+    url = engine.url.render_as_string(hide_password=False)
+    sql = "SELECT s.study_instance_uid, i.path FROM instances i JOIN studies s ON s.id = i.study_id"
+    assert query(url, sql) == [(winner, f"/spool/{winner}")]
+    assert query(url, "SELECT study_instance_uid FROM studies") == [(winner,)]

@@ -308,10 +308,10 @@ def record_instance(
         if study.state in RETRIED_BY_RESEND:
             reopen(session, study, now, "resent")
         return False
-    if study.state == StudyState.RECEIVING or stored is Stored.NEW:
+    if study.state == StudyState.RECEIVING:
         study.last_received_at = now
         study.updated_at = now
-    if study.state != StudyState.RECEIVING:
+    else:
         reopen(session, study, now)
     return stored is Stored.NEW
 
