@@ -24,10 +24,11 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from triaged.config import Settings
+from triaged.dicom.identity import RecordedFile, first_mismatch
 from triaged.worklist import deliveries, jobs
 from triaged.worklist.models import Job, JobState, Result, Study, StudyState, utcnow
 from triaged.worklist.result_details import ResultDetails
-from triaged.worklist.studies import set_state, study_files
+from triaged.worklist.studies import set_state, study_file_identities
 
 log = logging.getLogger("triaged.worker")
 
@@ -115,7 +116,12 @@ class Worker:
                 if study is None:
                     raise LookupError(f"study {job.study_id} vanished")
                 set_state(s, study, StudyState.SCORING, None)
-                paths = [Path(i.path) for i in study_files(s, job.study_instance_uid)]
+                files = [
+                    RecordedFile(Path(path), study_uid, series_uid, sop_uid, patient_id)
+                    for path, study_uid, series_uid, sop_uid, patient_id in study_file_identities(
+                        s, job.study_instance_uid
+                    )
+                ]
         except Exception:
             log.exception("cannot start job %d; it goes back to the queue", job.id)
             jobs.release(self.engine, job.id, self.name)
@@ -127,8 +133,13 @@ class Worker:
         keeper.start()
         t0 = time.perf_counter()
         try:
+            mismatch = first_mismatch(files)
+            if mismatch is not None:
+                done.set()
+                self._refuse(job, mismatch)
+                return True
             out_dir = self.results_dir / job.study_instance_uid / f"job{job.id}"
-            outcome = self.process(paths, out_dir, f"job{job.id}")
+            outcome = self.process([f.path for f in files], out_dir, f"job{job.id}")
         except Exception as err:
             done.set()
             log.exception("scoring study %s failed", job.study_instance_uid)
@@ -143,6 +154,21 @@ class Worker:
         total = time.perf_counter() - t0
         self._record(job, outcome, total)
         return True
+
+    def _refuse(self, job: jobs.ClaimedJob, mismatch: str) -> None:
+        """A file is not the instance it was recorded as: never score; the study FAILS.
+
+        Not retried: the files will not change by themselves; an operator must look.
+        """
+        reason = f"identity check failed: {mismatch}"[:500]
+        log.error("study %s not scored: %s", job.study_instance_uid, reason)
+        with Session(self.engine) as s, s.begin():
+            if not jobs.still_owned(s, job.id, self.name):
+                return
+            study = s.get(Study, job.study_id)
+            assert study is not None
+            jobs.finish(s, job.id, JobState.FAILED, reason)
+            set_state(s, study, StudyState.FAILED, reason)
 
     def _fail(self, job: jobs.ClaimedJob, reason: str) -> None:
         with Session(self.engine) as s, s.begin():

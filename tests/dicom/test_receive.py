@@ -59,7 +59,7 @@ def test_multiseries_study_completes_with_exact_counts(make_daemon, db_url, tmp_
     assert row["completed_at"] is not None
     assert set(row["modalities"]) >= {"CT"}
     assert len(spool_files(d.spool)) == len(study.files)
-    # The same study again: stored once, and the completed study is reopened and re-queued.
+    # The same study again: stored once; an exact resend leaves the queued study alone.
     out = storescu(d.port, *study.files)
     assert store_statuses(out.stderr + out.stdout) == ["Success"] * len(study.files)
     rows = d.wait_state("QUEUED")

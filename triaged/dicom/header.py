@@ -24,10 +24,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import RE_VALID_UID, UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from triaged.dicom.spool import valid_uid
 from triaged.worklist.studies import InstanceMeta
+
+#: PS3.5 9.1: at most 64 characters.
+UID_MAX_CHARS = 64
 
 
 class BadInstance(Exception):
@@ -66,23 +68,74 @@ def _priority(ds: Dataset) -> str | None:
     return None
 
 
+def uid_problem(uid: str) -> str | None:
+    """Why ``uid`` is not a DICOM UID (PS3.5 9.1), or None when it is one.
+
+    Components are digits without a leading zero (unless the component is "0"), separated
+    by single dots, at most 64 characters in all. Checked on the whole value: cutting a
+    long UID to 64 characters would merge different instances or studies.
+    """
+    if not uid:
+        return "empty"
+    if len(uid) > UID_MAX_CHARS:
+        return f"longer than {UID_MAX_CHARS} characters"
+    if RE_VALID_UID.match(uid):
+        return None
+    parts = uid.split(".")
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        return "not digits separated by dots"
+    return "a component has a leading zero"
+
+
+def _raw_uid(ds: Dataset, keyword: str) -> str | None:
+    """The value of a UID attribute as sent, only its trailing padding removed.
+
+    Read from the undecoded bytes where possible; NUL is the standard's padding and a
+    trailing space is tolerated (common, harmless). Multiple values are kept joined by
+    the backslash so that they fail validation.
+    """
+    if keyword not in ds:
+        return None
+    value = ds.get_item(keyword).value
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("latin-1").rstrip("\x00 ")
+    if isinstance(value, str):
+        return value.rstrip("\x00 ")
+    return "\\".join(str(v) for v in value)  # a MultiValue
+
+
+def uid_from_dataset(ds: Dataset, keyword: str) -> str:
+    """A required, valid UID attribute; BadInstance naming the attribute otherwise."""
+    value = _raw_uid(ds, keyword)
+    if not value:
+        raise BadInstance(f"missing {keyword}")
+    problem = uid_problem(value)
+    if problem is not None:
+        raise BadInstance(f"invalid {keyword}: {problem}")
+    return value
+
+
+def patient_id_of(ds: Dataset) -> str | None:
+    """The Patient ID as the worklist stores and compares it."""
+    return _text(ds, "PatientID")
+
+
 def meta_from_dataset(ds: Dataset, transfer_syntax_uid: str) -> InstanceMeta:
-    """Validate the identifying UIDs and collect the worklist fields."""
-    uids = {}
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        value = _text(ds, keyword)
-        if not value:
-            raise BadInstance(f"missing {keyword}")
-        if not valid_uid(value):
-            raise BadInstance(f"invalid {keyword}")
-        uids[keyword] = value
+    """Validate the identifying UIDs (whole values, before anything is cut) and collect the
+    worklist fields."""
+    uids = {
+        keyword: uid_from_dataset(ds, keyword)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+    }
     return InstanceMeta(
         study_instance_uid=uids["StudyInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         sop_class_uid=uids["SOPClassUID"],
         transfer_syntax_uid=transfer_syntax_uid,
-        patient_id=_text(ds, "PatientID"),
+        patient_id=patient_id_of(ds),
         accession_number=_text(ds, "AccessionNumber", 16),
         study_date=_text(ds, "StudyDate", 8),
         study_description=_text(ds, "StudyDescription", 128),

@@ -48,6 +48,7 @@ from triaged.dicom.spool import OutOfSpace, Spool, SpoolError
 from triaged.worklist.models import AssociationState
 from triaged.worklist.studies import (
     IdCache,
+    IdentityConflict,
     close_association,
     forget_instance,
     open_association,
@@ -75,6 +76,9 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+#: A "cannot understand" code of its own: the instance contradicts a stored one (its SOP
+#: Instance UID under another study or series, another Patient ID); ErrorComment says which.
+IDENTITY_CONFLICT = 0xC001
 
 
 @dataclass
@@ -311,7 +315,10 @@ class StoreSCP:
         # database write; Success still waits for both and for the durable name.
         synced = self._io.submit(self.spool.sync, temp)
         try:
-            meta = read_meta(temp, self.spool.max_instance_bytes)
+            meta = read_meta(temp, self.spool.max_instance_bytes)  # UIDs validated whole
+            # The request's Affected SOP Instance UID must be the same, compared whole: a
+            # peer may cut its own copy to 64 characters (dcmtk does), pynetdicom refuses
+            # a longer one, and a valid dataset UID equal to it makes it valid too.
             if req_uid and meta.sop_instance_uid != req_uid:
                 raise BadInstance("invalid: SOP Instance UID differs from request")
             self.spool.path_for(
@@ -333,6 +340,9 @@ class StoreSCP:
                 created = record_instance(
                     s, meta, str(final), temp.stat().st_size, st.id, cache=self._ids
                 )
+        except IdentityConflict as err:
+            synced.exception()  # rolled back: nothing recorded, nothing placed
+            return self._fail(st, IDENTITY_CONFLICT, str(err), req_uid)
         except SQLAlchemyError as err:
             synced.exception()
             log.error("database error while recording %s: %s", meta.sop_instance_uid, err)

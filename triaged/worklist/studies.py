@@ -7,6 +7,7 @@ PostgreSQL and testable without a network. Every state change goes through
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,14 @@ class InstanceMeta:
     series_number: int | None = None
     series_description: str | None = None
     instance_number: int | None = None
+
+
+class IdentityConflict(Exception):
+    """An instance contradicts what is stored: another study, series or patient.
+
+    The message names the conflict with UIDs only (never patient data); it goes to the
+    log and to the C-STORE failure status. Nothing is recorded.
+    """
 
 
 def _insert(session: Session):  # type: ignore[no-untyped-def]
@@ -125,29 +134,44 @@ def _upsert_series(session: Session, study: Study, meta: InstanceMeta, now: date
         created_at=now,
     )
     session.execute(ins.on_conflict_do_nothing(index_elements=["series_instance_uid"]))
-    return session.scalars(
+    series = session.scalars(
         select(Series).where(Series.series_instance_uid == meta.series_instance_uid)
     ).one()
+    if series.study_id != study.id:
+        raise IdentityConflict("Series Instance UID already stored under another study")
+    return series
+
+
+def _check_patient(study: Study, meta: InstanceMeta) -> None:
+    """One study, one patient: an instance naming another Patient ID is refused."""
+    if study.patient_id != meta.patient_id:
+        raise IdentityConflict("Patient ID differs from the stored study's")
 
 
 class IdCache:
     """Study and series row ids by UID, so that the SCP's hot path skips the upserts.
 
     Only a hint: the fast path re-checks the study's state in the same statement and
-    falls back to the full upsert when the study is no longer RECEIVING.
+    falls back to the full upsert when the study is no longer RECEIVING. An entry holds
+    the study's Patient ID too; an instance naming another one takes the full path,
+    which refuses it.
     """
 
     def __init__(self, max_entries: int = 4096) -> None:
         self.max_entries = max_entries
-        self._ids: dict[tuple[str, str], tuple[int, int]] = {}
+        self._ids: dict[tuple[str, str], tuple[int, int, str | None]] = {}
 
     def get(self, meta: InstanceMeta) -> tuple[int, int] | None:
-        return self._ids.get((meta.study_instance_uid, meta.series_instance_uid))
+        hit = self._ids.get((meta.study_instance_uid, meta.series_instance_uid))
+        if hit is None or hit[2] != meta.patient_id:
+            return None
+        return hit[0], hit[1]
 
     def put(self, meta: InstanceMeta, study_id: int, series_id: int) -> None:
         if len(self._ids) >= self.max_entries:
             self._ids.clear()
-        self._ids[(meta.study_instance_uid, meta.series_instance_uid)] = (study_id, series_id)
+        key = (meta.study_instance_uid, meta.series_instance_uid)
+        self._ids[key] = (study_id, series_id, meta.patient_id)
 
 
 _INSTANCE_INSERTS: dict[str, Any] = {}
@@ -173,6 +197,18 @@ def _instance_insert(session: Session) -> Any:
     return stmt
 
 
+#: Finished without a result: an exact resend retries them.
+RETRIED_BY_RESEND = (StudyState.FAILED, StudyState.SKIPPED)
+
+
+class Stored(enum.Enum):
+    """What recording an instance did."""
+
+    NEW = "new"
+    DUPLICATE = "duplicate"  # the same instance again, same study, series and file
+    RESTORED = "restored"  # the same instance, whose file had gone missing
+
+
 _STUDIES = cast(Table, Study.__table__)
 _TOUCH_RECEIVING = (
     update(_STUDIES)
@@ -190,7 +226,8 @@ def _insert_instance(
     size_bytes: int,
     association_id: int | None,
     now: datetime,
-) -> bool:
+) -> Stored:
+    """Insert the instance's row; a known SOP Instance UID must be where it was before."""
     row = {
         "study_id": study_id,
         "series_id": series_id,
@@ -205,14 +242,31 @@ def _insert_instance(
         "file_missing": False,
     }
     # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
-    created = session.connection().execute(_instance_insert(session), row).first() is not None
-    if not created:
-        session.execute(
-            update(Instance)
-            .where(Instance.sop_instance_uid == meta.sop_instance_uid)
-            .values(association_id=association_id, file_missing=False, path=path)
-        )
-    return created
+    known = None
+    for _ in range(2):  # a row that vanished between the two statements: insert again
+        if session.connection().execute(_instance_insert(session), row).first() is not None:
+            return Stored.NEW
+        known = session.execute(
+            select(Instance.study_id, Instance.series_id, Instance.file_missing).where(
+                Instance.sop_instance_uid == meta.sop_instance_uid
+            )
+        ).one_or_none()
+        if known is not None:
+            break
+    if known is None:
+        raise IdentityConflict("SOP Instance UID changing under concurrent stores")
+    if known.study_id != study_id:
+        raise IdentityConflict("SOP Instance already stored under another study")
+    if known.series_id != series_id:
+        raise IdentityConflict("SOP Instance already stored under another series")
+    # The same instance again: a resend confirms an instance whose first association
+    # aborted, and brings back a file the operator removed.
+    session.execute(
+        update(Instance)
+        .where(Instance.sop_instance_uid == meta.sop_instance_uid)
+        .values(association_id=association_id, file_missing=False, path=path)
+    )
+    return Stored.RESTORED if known.file_missing else Stored.DUPLICATE
 
 
 def record_instance(
@@ -226,9 +280,17 @@ def record_instance(
 ) -> bool:
     """Record a spooled instance; returns False when the SOP Instance UID was known already.
 
+    An instance, its study, its series and its file always agree: an instance that
+    contradicts what is stored (its SOP Instance UID under another study or series, its
+    series under another study, another Patient ID than its study's) raises
+    :class:`IdentityConflict` and the caller's transaction must be rolled back.
+
     A known instance is re-attributed to the current association (a resend confirms an
-    instance whose first association aborted). An arrival for a study past RECEIVING
-    reopens it: its pending scoring job is cancelled and it will be completed again.
+    instance whose first association aborted). Only new content (a new instance, or the
+    file of one marked missing) reopens a study past RECEIVING: its pending scoring job
+    is cancelled and it will be completed again. An exact resend changes nothing else,
+    except for a FAILED or SKIPPED study, which it reopens: resending is how an operator
+    retries one, and nothing of it was delivered.
     """
     now = now or utcnow()
     ids = cache.get(meta) if cache is not None else None
@@ -236,23 +298,28 @@ def record_instance(
         res = session.connection().execute(_TOUCH_RECEIVING, {"study_id": ids[0], "now": now})
         touched = cast("CursorResult[Any]", res).rowcount
         if touched:
-            return _insert_instance(
+            stored = _insert_instance(
                 session, meta, ids[0], ids[1], path, size_bytes, association_id, now
             )
+            return stored is Stored.NEW
     study = _upsert_study(session, meta, now)
+    _check_patient(study, meta)
     series = _upsert_series(session, study, meta, now)
-    if cache is not None:
-        cache.put(meta, study.id, series.id)
-    created = _insert_instance(
+    stored = _insert_instance(
         session, meta, study.id, series.id, path, size_bytes, association_id, now
     )
-    if not created and study.state == StudyState.RECEIVING:
+    if cache is not None:
+        cache.put(meta, study.id, series.id)
+    if stored is Stored.DUPLICATE:
+        if study.state in RETRIED_BY_RESEND:
+            reopen(session, study, now, "resent")
         return False
-    study.last_received_at = now
-    study.updated_at = now
-    if study.state != StudyState.RECEIVING:
+    if study.state == StudyState.RECEIVING:
+        study.last_received_at = now
+        study.updated_at = now
+    else:
         reopen(session, study, now)
-    return created
+    return stored is Stored.NEW
 
 
 def forget_instance(session: Session, sop_instance_uid: str) -> None:
@@ -260,7 +327,9 @@ def forget_instance(session: Session, sop_instance_uid: str) -> None:
     session.execute(delete(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
-def reopen(session: Session, study: Study, now: datetime) -> None:
+def reopen(
+    session: Session, study: Study, now: datetime, why: str = "new instances arrived"
+) -> None:
     """New data for a study already completed: cancel its queued job and receive again."""
     session.execute(
         update(Job)
@@ -268,7 +337,8 @@ def reopen(session: Session, study: Study, now: datetime) -> None:
         .values(state=JobState.CANCELLED, finished_at=now, error="study reopened")
     )
     study.completed_at = None
-    set_state(session, study, StudyState.RECEIVING, "new instances arrived", now)
+    study.last_received_at = now
+    set_state(session, study, StudyState.RECEIVING, why, now)
 
 
 def open_association(session: Session, calling_ae: str, peer: str) -> int:
@@ -429,6 +499,27 @@ def study_files(session: Session, study_instance_uid: str) -> Sequence[Instance]
         .where(Study.study_instance_uid == study_instance_uid, Instance.file_missing.is_(False))
         .order_by(Instance.series_id, Instance.instance_number, Instance.id)
     ).all()
+
+
+def study_file_identities(
+    session: Session, study_instance_uid: str
+) -> list[tuple[str, str, str, str, str | None]]:
+    """(path, study UID, series UID, SOP Instance UID, the study's Patient ID) of each file
+    the worker will read, in :func:`study_files` order: what each file must say it is."""
+    rows = session.execute(
+        select(
+            Instance.path,
+            Study.study_instance_uid,
+            Series.series_instance_uid,
+            Instance.sop_instance_uid,
+            Study.patient_id,
+        )
+        .join(Study, Study.id == Instance.study_id)
+        .join(Series, Series.id == Instance.series_id)
+        .where(Study.study_instance_uid == study_instance_uid, Instance.file_missing.is_(False))
+        .order_by(Instance.series_id, Instance.instance_number, Instance.id)
+    ).all()
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
 FINISHED = (StudyState.DELIVERED, StudyState.SKIPPED, StudyState.FAILED, StudyState.SCORED)
