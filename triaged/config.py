@@ -77,6 +77,12 @@ class StorageSettings(_Section):
     max_instance_mb: int = Field(
         default=1024, ge=0, description="largest instance taken, on the wire or inflated; 0 = any"
     )
+    max_inflated_mb: int = Field(
+        default=256,
+        ge=0,
+        description="largest size a Deflated dataset may inflate to (it is inflated again in "
+        "memory when scored; deflate carries small objects, a ratio of 1000:1 is a bomb); 0 = any",
+    )
     retention_days: int = Field(default=0, ge=0, description="0 keeps studies forever")
 
 

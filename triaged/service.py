@@ -54,7 +54,12 @@ class Service:
     def __post_init__(self) -> None:
         s = self.settings
         self.engine = db.make_engine(s.database.url, log_phi=s.logging.phi)
-        self.spool = Spool(s.storage.spool_dir, s.storage.min_free_mb, s.storage.max_instance_mb)
+        self.spool = Spool(
+            s.storage.spool_dir,
+            s.storage.min_free_mb,
+            s.storage.max_instance_mb,
+            s.storage.max_inflated_mb,
+        )
         self.scp = StoreSCP(s.dicom, self.spool, self.engine)
         self.scheduler = make_scheduler()
 

@@ -178,6 +178,18 @@ def test_deflate_bomb_over_the_wire_gets_a700_and_memory_stays_flat(
     assert _send_raw(d.port, small) == 0x0000
 
 
+def test_deflated_dataset_has_its_own_smaller_inflation_limit(
+    make_daemon, template, tmp_path
+) -> None:
+    """A deflated instance is refused above ``max_inflated_mb`` even when any size is taken."""
+    bomb = deflated_instance(template, tmp_path / "bomb.dcm", frames=64)  # 32 MB inflated
+    d = make_daemon(storage={"max_instance_mb": 0, "max_inflated_mb": 16}).start()
+    assert _send_raw(d.port, bomb) == 0xA700
+    assert "too large: inflated dataset above 16 MB" in d.log()
+    small = deflated_instance(template, tmp_path / "small.dcm", frames=4)
+    assert _send_raw(d.port, small) == 0x0000
+
+
 def test_instance_above_the_limit_is_refused_on_the_wire(make_daemon, template, tmp_path):
     big = big_instance(template, tmp_path / "big.dcm", frames=24)  # 12 MB
     d = make_daemon(storage={"max_instance_mb": 8}).start()

@@ -315,7 +315,8 @@ def read_meta(path: Path, max_bytes: int = 0) -> InstanceMeta:
     except BadInstance:
         raise
     except Exception as err:  # pydicom raises many kinds on corrupt input
-        raise BadInstance(f"cannot parse dataset: {type(err).__name__}: {err}"[:200]) from None
+        # The exception's text may quote a value of the dataset (patient data): name its kind.
+        raise BadInstance(f"cannot parse dataset: {type(err).__name__}") from None
 
 
 def _dataset_offset(fh: BinaryIO) -> int:

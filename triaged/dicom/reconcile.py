@@ -78,7 +78,7 @@ def reconcile(spool: Spool, engine: Engine) -> ReconcileReport:
                 log.warning("spooled file %s: instance stored elsewhere; not indexed", f.path)
             continue
         try:
-            meta = read_meta(f.path, spool.max_instance_bytes)
+            meta = read_meta(f.path, spool.max_inflated_bytes)
         except BadInstance as err:
             unreadable += 1
             log.warning("spooled file %s unreadable: %s", f.path, err)

@@ -315,7 +315,7 @@ class StoreSCP:
         # database write; Success still waits for both and for the durable name.
         synced = self._io.submit(self.spool.sync, temp)
         try:
-            meta = read_meta(temp, self.spool.max_instance_bytes)  # UIDs validated whole
+            meta = read_meta(temp, self.spool.max_inflated_bytes)  # UIDs validated whole
             # The request's Affected SOP Instance UID must be the same, compared whole: a
             # peer may cut its own copy to 64 characters (dcmtk does), pynetdicom refuses
             # a longer one, and a valid dataset UID equal to it makes it valid too.

@@ -59,11 +59,17 @@ class SpooledFile:
 class Spool:
     """``<root>/<study>/<series>/<sop>.dcm`` plus ``<root>/.incoming`` for temporary files."""
 
-    def __init__(self, root: Path, min_free_mb: int, max_instance_mb: int = 0) -> None:
+    def __init__(
+        self, root: Path, min_free_mb: int, max_instance_mb: int = 0, max_inflated_mb: int = 0
+    ) -> None:
         self.root = root
         self.min_free_bytes = min_free_mb * MB
         #: 0 = no limit; otherwise the largest dataset taken, on the wire or inflated
         self.max_instance_bytes = max_instance_mb * MB
+        #: the largest a deflated dataset may inflate to: the smaller of the two limits
+        self.max_inflated_bytes = min(
+            (b for b in (max_instance_mb * MB, max_inflated_mb * MB) if b), default=0
+        )
         self.incoming = root / INCOMING
         self.incoming.mkdir(parents=True, exist_ok=True)
 
