@@ -23,6 +23,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from triaged.config import Destination, DestinationTLS
 
@@ -167,7 +168,7 @@ def _store(assoc: Any, path: Path, meta: _Meta, accepted: set[tuple[str, str]]) 
     code = getattr(status, "Status", None)
     if code is None:
         return SendResult(path, Outcome.RETRY, "no response (timeout or abort)")
-    if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
+    if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
         return SendResult(path, Outcome.DELIVERED, f"status 0x{code:04X}")
     comment = str(getattr(status, "ErrorComment", "") or "")
     return SendResult(path, Outcome.REFUSED, f"failure status 0x{code:04X} {comment}")

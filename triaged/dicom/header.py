@@ -36,6 +36,10 @@ class BadInstance(Exception):
     """The dataset cannot be used: the reason goes to the log and the failure status."""
 
 
+class BadIdentifier(BadInstance):
+    """A required UID is missing or invalid: the peer gets 0xA900, naming the attribute."""
+
+
 class TooLarge(BadInstance):
     """Bigger than ``[storage] max_instance_mb`` (on the wire or inflated) or than the free
     space: the SCP's resources, not the data, are at fault, so the answer is 0xA700."""
@@ -110,10 +114,10 @@ def uid_from_dataset(ds: Dataset, keyword: str) -> str:
     """A required, valid UID attribute; BadInstance naming the attribute otherwise."""
     value = _raw_uid(ds, keyword)
     if not value:
-        raise BadInstance(f"missing {keyword}")
+        raise BadIdentifier(f"missing {keyword}")
     problem = uid_problem(value)
     if problem is not None:
-        raise BadInstance(f"invalid {keyword}: {problem}")
+        raise BadIdentifier(f"invalid {keyword}: {problem}")
     return value
 
 

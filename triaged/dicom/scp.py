@@ -35,6 +35,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -42,9 +43,9 @@ from sqlalchemy.orm import Session
 
 from triaged.config import DicomSettings, TLSSettings
 from triaged.dicom import guard, reactor
-from triaged.dicom.header import BadInstance, TooLarge, read_meta
+from triaged.dicom.header import BadIdentifier, BadInstance, TooLarge, read_meta
 from triaged.dicom.incoming import Receiver, install, uninstall
-from triaged.dicom.spool import OutOfSpace, Spool, SpoolError
+from triaged.dicom.spool import InvalidUID, OutOfSpace, Spool, SpoolError
 from triaged.worklist.models import AssociationState
 from triaged.worklist.studies import (
     IdCache,
@@ -71,8 +72,8 @@ TRANSFER_SYNTAXES = [
 
 DUL_POLL_SECONDS = 0.0001
 
-# Storage status codes (PS3.4 Annex B.2.3)
-SUCCESS = 0x0000
+# Storage failure codes (PS3.4 Annex B.2.3); pynetdicom names only Success.
+SUCCESS = int(Status.SUCCESS)
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
@@ -118,12 +119,10 @@ class StoreSCP:
         settings: DicomSettings,
         spool: Spool,
         engine: Engine,
-        on_stored: Any = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.engine = engine
-        self.on_stored = on_stored
         self._assocs: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
@@ -320,18 +319,19 @@ class StoreSCP:
             # peer may cut its own copy to 64 characters (dcmtk does), pynetdicom refuses
             # a longer one, and a valid dataset UID equal to it makes it valid too.
             if req_uid and meta.sop_instance_uid != req_uid:
-                raise BadInstance("invalid: SOP Instance UID differs from request")
+                raise BadIdentifier("invalid: SOP Instance UID differs from request")
             self.spool.path_for(
                 meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
             )
         except TooLarge as err:
             synced.exception()
             return self._fail(st, OUT_OF_RESOURCES, str(err), req_uid)
+        except (BadIdentifier, InvalidUID) as err:
+            synced.exception()
+            return self._fail(st, DATASET_MISMATCH, str(err), req_uid)
         except (BadInstance, SpoolError) as err:
             synced.exception()
-            ids_bad = str(err).startswith(("missing", "invalid", "not a valid"))
-            code = DATASET_MISMATCH if ids_bad else CANNOT_UNDERSTAND
-            return self._fail(st, code, str(err), req_uid)
+            return self._fail(st, CANNOT_UNDERSTAND, str(err), req_uid)
         final = self.spool.path_for(
             meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
         )
@@ -363,6 +363,4 @@ class StoreSCP:
             else:
                 st.duplicates += 1
         self.instances_received += 1
-        if self.on_stored is not None:
-            self.on_stored(meta)
         return SUCCESS

@@ -31,6 +31,10 @@ class SpoolError(Exception):
     """The spool cannot take an instance (bad UID, no space, I/O error)."""
 
 
+class InvalidUID(SpoolError):
+    """A UID that cannot name a file: never used as a path part."""
+
+
 class OutOfSpace(SpoolError):
     """Free space is below the configured threshold: refuse new data, keep old data intact."""
 
@@ -82,7 +86,7 @@ class Spool:
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         for uid in (study_uid, series_uid, sop_uid):
             if not valid_uid(uid):
-                raise SpoolError(f"not a valid UID: {uid[:70]!r}")
+                raise InvalidUID(f"not a valid UID: {uid[:70]!r}")
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
 
     def temp_file(self) -> tuple[int, Path]:
@@ -201,5 +205,5 @@ class Spool:
 
     def remove_study(self, study_uid: str) -> None:
         if not valid_uid(study_uid):
-            raise SpoolError(f"not a valid UID: {study_uid!r}")
+            raise InvalidUID(f"not a valid UID: {study_uid!r}")
         shutil.rmtree(self.root / study_uid, ignore_errors=True)
