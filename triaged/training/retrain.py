@@ -32,6 +32,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from triaged.pipeline.builders import load_version
+from triaged.pipeline.preprocess import Preprocessing
 from triaged.registry import (
     Architecture,
     ModelCard,
@@ -42,7 +44,6 @@ from triaged.registry import (
 )
 from triaged.training import metrics as M
 from triaged.training.baseline import BaselineSettings, train_baseline
-from triaged.training.builders import load_version
 from triaged.training.datasets import (
     Sample,
     SliceDataset,
@@ -60,7 +61,6 @@ from triaged.training.loop import (
     setup_runtime,
     write_json,
 )
-from triaged.training.preprocess import Preprocessing
 from triaged.training.semi import SemiSettings, mean_dice, split_labelled, train_semi
 from triaged.training.staged import FusionSettings, build_fusion, collect, run_stage
 
@@ -198,16 +198,6 @@ class RetrainResult:
     versions: list[ModelVersion]
     promoted: dict[str, bool]
     messages: list[str]
-
-
-def _resolve(store: ModelStore, ref: str) -> ModelVersion:
-    name, _, version = ref.partition(":")
-    if version in ("", "live"):
-        live = store.live(name)
-        if live is None:
-            raise RetrainError(f"{ref}: model {name!r} has no live version")
-        return live
-    return store.get(name, version)
 
 
 def _cls_score(model: nn.Module, arch: str, samples: Sequence[Sample],
@@ -394,13 +384,13 @@ def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
                      s.as_card(), Preprocessing(size=s.input_size), s.seed)
         register("infnet", res.model, card, val_seg)
     elif opts.infnet_from:
-        infnet_state = load_version(_resolve(store, opts.infnet_from)).state_dict()
+        infnet_state = load_version(store.resolve(opts.infnet_from)).state_dict()
 
     fusion_stages = [int(s) for s in opts.stages if s in ("1", "2", "3")]
     if fusion_stages:
         fs = opts.fusion_settings()
         if opts.start_from:
-            start = _resolve(store, opts.start_from)
+            start = store.resolve(opts.start_from)
             if start.card.architecture.name != "fusion":
                 raise RetrainError(f"--start-from {start.ref} is not a fusion model")
             model = cast("FusionNet", load_version(start))

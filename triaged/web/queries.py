@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from triaged.atomic import write_atomic
 from triaged.config import WebSettings
 from triaged.web.schemas import (
     AuditOut,
@@ -462,14 +462,8 @@ def export_labels(engine: Engine, path: str | os.PathLike[str],
         export = labels(s, spool_root)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".labels-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(export.model_dump(mode="json"), fh, indent=2)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Owner-only, as before: the export names studies and who labelled them.
+    write_atomic(target, json.dumps(export.model_dump(mode="json"), indent=2), mode=0o600)
     return len(export.labels)
 
 
