@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -352,19 +352,24 @@ def slice_steps(
     ]
 
 
-def preparation_steps(
-    *,
-    count: int,
-    threshold: float,
-    lung_hu: tuple[float, float],
-    level: float,
-    width: float,
-    inputs: Mapping[str, Preprocessing],
-) -> list[Transform]:
+class PreparationSettings(TypedDict):
+    """What the steps after loading need (a pipeline's ``[preprocess]`` and its models)."""
+
+    count: int
+    threshold: float
+    lung_hu: tuple[float, float]
+    level: float
+    width: float
+    inputs: Mapping[str, Preprocessing]
+
+
+def preparation_steps(**settings: Unpack[PreparationSettings]) -> list[Transform]:
     """The steps after loading: :func:`slice_steps`, then the window and the model inputs."""
-    steps = slice_steps(count=count, threshold=threshold, lung_hu=lung_hu)
-    steps.append(LungWindowd(level=level, width=width))
-    steps.extend(ModelInputd(prep, role) for role, prep in inputs.items())
+    steps = slice_steps(
+        count=settings["count"], threshold=settings["threshold"], lung_hu=settings["lung_hu"]
+    )
+    steps.append(LungWindowd(level=settings["level"], width=settings["width"]))
+    steps.extend(ModelInputd(prep, role) for role, prep in settings["inputs"].items())
     return steps
 
 
@@ -376,19 +381,9 @@ def canonical_hu(path: str | Path) -> np.ndarray:
 
 
 def preparation(
-    *,
-    count: int,
-    threshold: float,
-    lung_hu: tuple[float, float],
-    level: float,
-    width: float,
-    inputs: Mapping[str, Preprocessing],
-    loader: Callable[[Any], Any] | None = None,
+    *, loader: Callable[[Any], Any] | None = None, **settings: Unpack[PreparationSettings]
 ) -> Compose:
     """The whole preparation chain, series to model inputs, as one MONAI ``Compose``
     (which reports a failing step as ``RuntimeError`` with the original as its cause)."""
-    steps = preparation_steps(
-        count=count, threshold=threshold, lung_hu=lung_hu, level=level, width=width,
-        inputs=inputs,
-    )
+    steps = preparation_steps(**settings)
     return Compose([LoadVolumed(loader=loader), *steps], map_items=False, log_stats=False)
