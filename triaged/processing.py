@@ -8,7 +8,6 @@ module writes them (atomically) with the PNG previews the web page shows.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
@@ -20,6 +19,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+from triaged.atomic import atomic_path
 from triaged.config import Settings
 from triaged.dicom.results import build_results, render_key_slice
 from triaged.pipeline.definition import Pipeline, load_pipeline
@@ -35,11 +35,8 @@ KINDS = (("sr", "SR"), ("sc", "SC"), ("seg", "SEG"))
 
 
 def _atomic_save(ds: pydicom.Dataset, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
 
 
 def infected_overlay(hu: np.ndarray, mask: np.ndarray) -> np.ndarray:
