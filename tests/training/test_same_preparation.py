@@ -22,7 +22,7 @@ from triaged.pipeline.preprocess import Preprocessing
 from triaged.pipeline.selection import expand, series_rules
 from triaged.synthetic import generate_study
 from triaged.training.datasets import SliceDataset
-from triaged.training.dicom_data import dicom_manifest
+from triaged.training.dicom_data import DataError, dicom_manifest
 
 SLICES = 5
 PREP = Preprocessing(size=32)
@@ -83,3 +83,17 @@ def test_a_prone_study_trains_on_the_canonical_view(tmp_path: Path) -> None:
     prone = _training(_study(tmp_path, "prone"), tmp_path)
     assert not torch.equal(prone, torch.flip(prone, (-1,)))  # the phantom is not symmetric
     assert torch.equal(prone, supine)
+
+
+def test_a_study_scoring_would_skip_is_refused_with_scoring_reason(tmp_path: Path) -> None:
+    """A derived (reformatted) series is never scored, so it is not trained on either."""
+    study = tmp_path / "derived"
+    generate_study(study, seed=1, slices=10, size=32)
+    for path in study.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.save_as(path)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label,split\nderived,covid,train\n")
+    with pytest.raises(DataError, match="image type DERIVED/SECONDARY excluded"):
+        dicom_manifest(manifest, slices_per_study=SLICES)

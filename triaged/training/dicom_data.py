@@ -38,6 +38,7 @@ separated by ``;``) and optionally ``series_instance_uid,labelled_by,labelled_at
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,10 @@ from triaged.pipeline.definition import PreprocessSection, SeriesSection
 from triaged.pipeline.selection import expand, series_rules
 from triaged.training.datasets import Sample, read_hu, stable_split
 
+log = logging.getLogger("triaged.training")
+
 __all__ = ["DataError", "LabelExport", "LabelRecord", "dicom_manifest", "parse_label",
-           "read_hu", "read_label_export", "study_slices", "worklist_labels"]
+           "pick_slices", "read_hu", "read_label_export", "study_slices", "worklist_labels"]
 
 LABEL_WORDS = {
     "1": 1, "covid": 1, "covid-19": 1, "covid19": 1, "positive": 1, "pos": 1, "true": 1,
@@ -87,12 +90,27 @@ def study_slices(
 ) -> list[Path]:
     """Up to ``n`` slice files of a study, chosen exactly as scoring chooses its slices.
 
+    See :func:`pick_slices`; empty when scoring would skip the study.
+    """
+    picked = pick_slices(paths, n, series_uid, series=series, preprocess=preprocess)
+    return [] if isinstance(picked, str) else picked
+
+
+def pick_slices(
+    paths: Iterable[Path],
+    n: int,
+    series_uid: str | None = None,
+    *,
+    series: SeriesSection | None = None,
+    preprocess: PreprocessSection | None = None,
+) -> list[Path] | str:
+    """Up to ``n`` slice files of a study, or scoring's reason for skipping it.
+
     Scoring's series selection (``series``: a pipeline's ``[series]`` section, default the
     pipeline defaults), its HU volume, and its slice selection (lung content from
     ``preprocess``, ``n`` slices evenly spaced between the first and the last slice with
-    lung); with ``series_uid`` only that series is considered. Empty when the study has no
-    eligible series or no slice with lung. A single file is a slice the admin chose: it is
-    kept if it is an eligible CT slice, whatever its lung content.
+    lung); with ``series_uid`` only that series is considered. A single file is a slice the
+    admin chose: it is kept if it is an eligible CT slice, whatever its lung content.
     """
     series = series or SeriesSection()
     preprocess = preprocess or PreprocessSection()
@@ -102,7 +120,7 @@ def study_slices(
         files = _only_series(files, series_uid)
     choice = choose_series(files, series_rules(series))
     if isinstance(choice, NoEligibleSeries):
-        return []
+        return str(choice)
     if len(paths) == 1 and paths[0].is_file():
         return list(choice.paths_sorted)
     data: dict[Hashable, Any] = T.LoadVolumed()({T.SERIES: choice})
@@ -111,8 +129,8 @@ def study_slices(
             count=n, threshold=preprocess.lung_threshold, lung_hu=preprocess.lung_hu
         ):
             data = step(data)
-    except T.NoLungError:
-        return []
+    except T.NoLungError as exc:
+        return f"no lung: {exc}"
     return [choice.paths_sorted[int(i)] for i in data[T.INDICES]]
 
 
@@ -120,10 +138,13 @@ def _study_samples(paths: list[Path], label: int, split: str, group: str,
                    slices_per_study: int, series_uid: str | None = None,
                    meta: dict[str, Any] | None = None,
                    sections: tuple[SeriesSection, PreprocessSection] | None = None,
-                   ) -> list[Sample]:
+                   ) -> list[Sample] | str:
+    """The study's samples, or scoring's reason for skipping it."""
     series, preprocess = sections or (None, None)
-    picked = study_slices(paths, slices_per_study, series_uid, series=series,
-                          preprocess=preprocess)
+    picked = pick_slices(paths, slices_per_study, series_uid, series=series,
+                         preprocess=preprocess)
+    if isinstance(picked, str):
+        return picked
     return [Sample(id=f"{group}/{p.name}", image=p, label=label, source="hu", split=split,
                    group=group, meta=dict(meta or {})) for p in picked]
 
@@ -158,8 +179,8 @@ def dicom_manifest(csv_path: str | Path, slices_per_study: int = 16,
                 raise DataError(f"{where}: split {split!r} is not train/val/test")
             samples = _study_samples([path], label, split, group, slices_per_study,
                                      sections=sections)
-            if not samples:
-                raise DataError(f"{where}: no eligible series with lung under {row['path']}")
+            if isinstance(samples, str):
+                raise DataError(f"{where}: {row['path']}: {samples}")
             out[split].extend(samples)
     return out
 
@@ -240,6 +261,11 @@ def worklist_labels(path: str | Path, slices_per_study: int = 16,
             raise DataError(f"{path}: study {uid}: spool path {missing[0]} does not exist")
         split = stable_split(uid, val_fraction)
         meta = {"labelled_by": rec.labelled_by, "labelled_at": rec.labelled_at}
-        out[split].extend(_study_samples(paths, rec.label, split, uid, slices_per_study,
-                                         rec.series_instance_uid, meta, sections))
+        samples = _study_samples(paths, rec.label, split, uid, slices_per_study,
+                                 rec.series_instance_uid, meta, sections)
+        if isinstance(samples, str):
+            log.warning("label export %s: study %s left out, scoring would skip it: %s",
+                        path.name, uid, samples)
+            continue
+        out[split].extend(samples)
     return out
