@@ -54,7 +54,7 @@ from triaged.training.datasets import Sample, read_hu, stable_split
 log = logging.getLogger("triaged.training")
 
 __all__ = ["DataError", "LabelExport", "LabelRecord", "dicom_manifest", "parse_label",
-           "pick_slices", "read_hu", "read_label_export", "study_slices", "worklist_labels"]
+           "read_hu", "read_label_export", "study_slices", "worklist_labels"]
 
 LABEL_WORDS = {
     "1": 1, "covid": 1, "covid-19": 1, "covid19": 1, "positive": 1, "pos": 1, "true": 1,
@@ -88,23 +88,8 @@ def study_slices(
     series: SeriesSection | None = None,
     preprocess: PreprocessSection | None = None,
 ) -> list[Path]:
-    """Up to ``n`` slice files of a study, chosen exactly as scoring chooses its slices.
-
-    See :func:`pick_slices`; empty when scoring would skip the study.
-    """
-    picked = pick_slices(paths, n, series_uid, series=series, preprocess=preprocess)
-    return [] if isinstance(picked, str) else picked
-
-
-def pick_slices(
-    paths: Iterable[Path],
-    n: int,
-    series_uid: str | None = None,
-    *,
-    series: SeriesSection | None = None,
-    preprocess: PreprocessSection | None = None,
-) -> list[Path] | str:
-    """Up to ``n`` slice files of a study, or scoring's reason for skipping it.
+    """Up to ``n`` slice files of a study, chosen exactly as scoring chooses its slices;
+    :class:`DataError` with scoring's reason when scoring would skip the study.
 
     Scoring's series selection (``series``: a pipeline's ``[series]`` section, default the
     pipeline defaults), its HU volume, and its slice selection (lung content from
@@ -120,7 +105,7 @@ def pick_slices(
         files = _only_series(files, series_uid)
     choice = choose_series(files, series_rules(series))
     if isinstance(choice, NoEligibleSeries):
-        return str(choice)
+        raise DataError(str(choice))
     if len(paths) == 1 and paths[0].is_file():
         return list(choice.paths_sorted)
     data: dict[Hashable, Any] = T.LoadVolumed()({T.SERIES: choice})
@@ -130,7 +115,7 @@ def pick_slices(
         ):
             data = step(data)
     except T.NoLungError as exc:
-        return f"no lung: {exc}"
+        raise DataError(f"no lung: {exc}") from exc
     return [choice.paths_sorted[int(i)] for i in data[T.INDICES]]
 
 
@@ -138,13 +123,11 @@ def _study_samples(paths: list[Path], label: int, split: str, group: str,
                    slices_per_study: int, series_uid: str | None = None,
                    meta: dict[str, Any] | None = None,
                    sections: tuple[SeriesSection, PreprocessSection] | None = None,
-                   ) -> list[Sample] | str:
-    """The study's samples, or scoring's reason for skipping it."""
+                   ) -> list[Sample]:
+    """The study's samples; :class:`DataError` when scoring would skip the study."""
     series, preprocess = sections or (None, None)
-    picked = pick_slices(paths, slices_per_study, series_uid, series=series,
-                         preprocess=preprocess)
-    if isinstance(picked, str):
-        return picked
+    picked = study_slices(paths, slices_per_study, series_uid, series=series,
+                          preprocess=preprocess)
     return [Sample(id=f"{group}/{p.name}", image=p, label=label, source="hu", split=split,
                    group=group, meta=dict(meta or {})) for p in picked]
 
@@ -177,10 +160,11 @@ def dicom_manifest(csv_path: str | Path, slices_per_study: int = 16,
             split = row.get("split", "").lower() or stable_split(group, val_fraction)
             if split not in out:
                 raise DataError(f"{where}: split {split!r} is not train/val/test")
-            samples = _study_samples([path], label, split, group, slices_per_study,
-                                     sections=sections)
-            if isinstance(samples, str):
-                raise DataError(f"{where}: {row['path']}: {samples}")
+            try:
+                samples = _study_samples([path], label, split, group, slices_per_study,
+                                         sections=sections)
+            except DataError as exc:
+                raise DataError(f"{where}: {row['path']}: {exc}") from exc
             out[split].extend(samples)
     return out
 
@@ -261,11 +245,12 @@ def worklist_labels(path: str | Path, slices_per_study: int = 16,
             raise DataError(f"{path}: study {uid}: spool path {missing[0]} does not exist")
         split = stable_split(uid, val_fraction)
         meta = {"labelled_by": rec.labelled_by, "labelled_at": rec.labelled_at}
-        samples = _study_samples(paths, rec.label, split, uid, slices_per_study,
-                                 rec.series_instance_uid, meta, sections)
-        if isinstance(samples, str):
+        try:
+            samples = _study_samples(paths, rec.label, split, uid, slices_per_study,
+                                     rec.series_instance_uid, meta, sections)
+        except DataError as exc:
             log.warning("label export %s: study %s left out, scoring would skip it: %s",
-                        path.name, uid, samples)
+                        path.name, uid, exc)
             continue
         out[split].extend(samples)
     return out
