@@ -280,15 +280,12 @@ def cmd_models(args: argparse.Namespace) -> int:
                     metrics = _card_summary(v.card.metrics)
                     print(f"{mark} {v.ref:<28} {v.card.created:%Y-%m-%d %H:%M}  {metrics}")
         elif args.action == "show":
-            name, _, version = args.ref.partition(":")
-            mv = store.get(name, version) if version else store.live(name)
-            if mv is None:
-                raise UserError(f"{name} has no live version")
+            mv = store.resolve(args.ref)
             print(
                 json.dumps(
                     {
                         "ref": mv.ref,
-                        "live": (store.live(name) or mv).version == mv.version,
+                        "live": (store.live(mv.name) or mv).version == mv.version,
                         **mv.card.model_dump(mode="json"),
                     },
                     indent=1,

@@ -8,7 +8,6 @@ module writes them (atomically) with the PNG previews the web page shows.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
@@ -18,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.pixels import apply_modality_lut
 
+from triaged.atomic import atomic_path
 from triaged.config import Settings
-from triaged.dicom.results import build_results, render_key_slice, window_to_uint8
+from triaged.dicom.results import build_results, render_key_slice
 from triaged.pipeline.definition import Pipeline, load_pipeline
+from triaged.pipeline.hu import slice_hu, window_uint8
 from triaged.pipeline.models import LoadedModels, load_models
 from triaged.pipeline.scoring import Skip, StudyScore, score_study
 from triaged.registry import ModelStore, RegistryError
@@ -35,20 +35,13 @@ KINDS = (("sr", "SR"), ("sc", "SC"), ("seg", "SEG"))
 
 
 def _atomic_save(ds: pydicom.Dataset, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _hu(ds: pydicom.Dataset) -> np.ndarray:
-    return np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
 
 
 def infected_overlay(hu: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Key slice in the lung window with the infected region tinted red (web preview)."""
-    grey = window_to_uint8(hu, 1500.0, -600.0).astype(np.float32)
+    grey = window_uint8(hu).astype(np.float32)
     rgb = np.stack([grey] * 3, axis=-1)
     m = mask.astype(bool)
     rgb[m] = 0.5 * rgb[m] + 0.5 * np.array([255.0, 40.0, 40.0])
@@ -97,7 +90,7 @@ def write_results(
         _atomic_save(ds, path)
         files.append(ResultFile(kind, str(ds.SOPInstanceUID), path))
     key = score.key_slice_index
-    hu = _hu(score.datasets[key])
+    hu = slice_hu(score.datasets[key])
     images = {"heatmap": str(out_dir / "heatmap.png"), "infected": str(out_dir / "infected.png")}
     Image.fromarray(render_key_slice(hu, score.heatmaps[key])).save(images["heatmap"])
     mask = score.infected_masks.get(key, np.zeros(hu.shape, dtype=bool))
@@ -141,14 +134,9 @@ class PipelineProcessor:
         if entry is None:
             return None
         try:
-            mv = (
-                self.store.live(entry.name)
-                if entry.version == "live"
-                else self.store.get(entry.name, entry.version)
-            )
+            return self.store.resolve(f"{entry.name}:{entry.version}").ref
         except RegistryError:
             return None
-        return mv.ref if mv is not None else None
 
     def models(self) -> LoadedModels:
         with self._lock:

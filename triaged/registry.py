@@ -45,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import triaged
+from triaged.atomic import fsync_path, write_atomic
 
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
@@ -217,6 +218,19 @@ class ModelStore:
             return None
         return self.get(name, state["version"])
 
+    def resolve(self, ref: str) -> ModelVersion:
+        """The version a reference names: ``name:version``; ``name`` or ``name:live`` is the
+        live version. The one reading of a model reference, for the CLI, training and
+        scoring; :class:`ModelNotFoundError` when there is no such (or no live) version.
+        """
+        name, _, version = ref.partition(":")
+        if version in ("", "live"):
+            mv = self.live(name)
+            if mv is None:
+                raise ModelNotFoundError(f"no live version of {name!r} in {self.root}")
+            return mv
+        return self.get(name, version)
+
     def live_token(self, name: str) -> str | None:
         """A cheap value that changes whenever the live version of ``name`` changes."""
         try:
@@ -256,13 +270,14 @@ class ModelStore:
             else:
                 _save_state_dict(weights, weights_tmp)
             card = card.model_copy(update={"weights_sha256": _sha256(weights_tmp)})
-            _write_durably(tmp / CARD_FILE, card.model_dump_json(indent=2).encode())
-            _fsync_dir(tmp)
+            (tmp / CARD_FILE).write_text(card.model_dump_json(indent=2), encoding="utf-8")
+            fsync_path(tmp / CARD_FILE)
+            fsync_path(tmp)
             final = self._rename_into_place(tmp, folder, version)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(folder)
+        fsync_path(folder)
         return ModelVersion(name=name, version=final.name, path=final, card=card)
 
     def promote(self, name: str, version: str, reason: str = "") -> ModelVersion:
@@ -326,19 +341,7 @@ class ModelStore:
         return state
 
     def _write_live(self, name: str, state: dict[str, Any]) -> None:
-        folder = self.root / name
-        fd, tmp = tempfile.mkstemp(prefix=".live-", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(json.dumps(state, indent=2).encode())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, folder / LIVE_FILE)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(folder)
+        write_atomic(self.root / name / LIVE_FILE, json.dumps(state, indent=2), mode=0o600)
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[None]:
@@ -384,7 +387,7 @@ def _save_state_dict(weights: Mapping[str, torch.Tensor], path: Path) -> None:
     if not tensors:
         raise RegistryError("refusing to register an empty state dict")
     save_file(tensors, str(path), metadata={"format": "pt"})
-    _fsync_file(path)
+    fsync_path(path)
 
 
 def _copy_safetensors(src: Path, dst: Path) -> None:
@@ -399,27 +402,9 @@ def _copy_safetensors(src: Path, dst: Path) -> None:
     except Exception as exc:  # safetensors raises its own error types for a non-safetensors file
         raise RegistryError(f"{src}: not a safetensors file ({exc})") from exc
     shutil.copyfile(src, dst)
-    _fsync_file(dst)
+    fsync_path(dst)
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:

@@ -194,7 +194,9 @@ def test_study_slices_skip_localizer_and_spread(tmp_path: Path) -> None:
     hu = [load_image_hu(p) for p in picked]
     assert all(h.shape == (32, 32) for h in hu)
     assert float(hu[0].min()) < -500  # HU, not raw stored values
-    assert len(study_slices([a], 100)) == 10
+    # scoring's slice choice: every slice with lung (the first, below the lungs, has none)
+    every = study_slices([a], 100)
+    assert [p.name for p in every] == [f"{k:04d}.dcm" for k in range(2, 11)]
 
 
 def load_image_hu(p: Path) -> np.ndarray:

@@ -167,3 +167,18 @@ def test_concurrent_registers_get_distinct_versions(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert sorted(out) == [f"v{i}" for i in range(1, 6)]
+
+
+def test_one_reading_of_a_model_reference(tmp_path: Path) -> None:
+    """``name:version`` is that version; ``name`` and ``name:live`` the live one."""
+    store = ModelStore(tmp_path)
+    store.register("m", _weights(1.0), _card())
+    store.register("m", _weights(2.0), _card())
+    with pytest.raises(ModelNotFoundError, match="no live version of 'm'"):
+        store.resolve("m")
+    store.promote("m", "v1")
+    assert store.resolve("m:v2").version == "v2"
+    assert store.resolve("m").version == store.resolve("m:live").version == "v1"
+    with pytest.raises(ModelNotFoundError):
+        store.resolve("m:v9")
+

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 import sqlalchemy as sa
@@ -355,7 +356,11 @@ def test_feedback_form_shows_on_page(web: Web, seed: Seed) -> None:
 
 
 def _ct_files(folder: Path, series_uid: str, n: int) -> None:
-    """Tiny CT slices the retraining reader can scan (header and pixels)."""
+    """Tiny CT slices scoring (and so retraining) accepts: placed, with pixel spacing, and
+    a ring of soft tissue (0 HU) around lung (-800 HU) in air (-1024 HU)."""
+    stored = np.zeros((8, 8), dtype=np.int16)  # air
+    stored[1:7, 1:7] = 1024  # soft tissue
+    stored[2:6, 2:6] = 224  # lung
     for i in range(n):
         ds = pydicom.Dataset()
         ds.file_meta = FileMetaDataset()
@@ -370,13 +375,14 @@ def _ct_files(folder: Path, series_uid: str, n: int) -> None:
         ds.ImagePositionPatient = [0, 0, float(i)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.Rows = ds.Columns = 8
+        ds.PixelSpacing = [1, 1]
         ds.BitsAllocated = ds.BitsStored = 16
         ds.HighBit = 15
         ds.PixelRepresentation = 1
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = bytes(128)
+        ds.PixelData = stored.tobytes()
         ds.save_as(folder / f"{series_uid}.{i + 1}.dcm", enforce_file_format=True)
 
 

@@ -29,12 +29,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.pixels.processing import apply_modality_lut
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from triaged import __version__
+from triaged.pipeline.hu import LUNG_WINDOW, slice_hu, window_uint8
 
 MANUFACTURER = "triaged"
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
@@ -56,7 +56,6 @@ LUNG = codes.SCT.Lung
 SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
 
 #: Lung window of the Secondary Capture (width, level) in HU.
-LUNG_WINDOW = (1500.0, -600.0)
 #: The Secondary Capture is drawn at least this wide so that the burned-in text stays legible.
 MIN_CAPTURE_SIZE = 512
 #: Heat-map values below this stay transparent so that the anatomy remains readable.
@@ -164,13 +163,6 @@ def _patient_orientation(ds: pydicom.Dataset) -> tuple[str, str]:
     return letter(cosines[:3]), letter(cosines[3:])
 
 
-def window_to_uint8(hu: np.ndarray, width: float, level: float) -> np.ndarray:
-    """Linear VOI window (DICOM PS3.3 C.11.2.1.2 without the half-pixel detail) to 8 bits."""
-    low = level - width / 2.0
-    scaled = (hu.astype(np.float64) - low) / width
-    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
-
-
 def heat_colours(heatmap: np.ndarray) -> np.ndarray:
     """Map [0, 1] to a blue-cyan-yellow-red ramp (jet-like), shape (..., 3) uint8."""
     h = np.clip(heatmap.astype(np.float64), 0.0, 1.0)[..., None]
@@ -203,11 +195,11 @@ def render_key_slice(
     The first caption goes at the top, the others at the bottom; with no captions the result is
     the plain overlay (what tests compare against to see that text was burned in). Small images
     are enlarged by an integer factor first, so the text never covers the whole slice.
-    Returns an RGB uint8 array of shape (rows * f, cols * f, 3).
+    ``window`` is (level, width) in HU. Returns an RGB uint8 array of shape (rows * f, cols * f, 3).
     """
     if hu.shape != heatmap.shape:
         raise ValueError(f"heatmap shape {heatmap.shape} != slice shape {hu.shape}")
-    grey = window_to_uint8(hu, *window).astype(np.float64)[..., None]
+    grey = window_uint8(hu, *window).astype(np.float64)[..., None]
     h = np.clip(np.nan_to_num(heatmap.astype(np.float64)), 0.0, 1.0)
     alpha = np.where(h >= HEATMAP_FLOOR, HEATMAP_OPACITY * h, 0.0)[..., None]
     blended = grey * (1.0 - alpha) + heat_colours(h).astype(np.float64) * alpha
@@ -429,7 +421,7 @@ def build_capture(
 ) -> hd.sc.SCImage:
     """The Secondary Capture of the key slice with the heat-map and the warning burned in."""
     key = source_datasets[findings.key_slice_index]
-    hu = np.asarray(apply_modality_lut(key.pixel_array, key), dtype=np.float64)
+    hu = slice_hu(key)
     verdict = "positive" if findings.positive else "negative"
     caption = (
         f"COVID-19 p={findings.fusion_probability:.2f} ({verdict}) "
@@ -462,7 +454,7 @@ def build_capture(
     sc.BodyPartExamined = "CHEST"
     sc.ImageComments = NOT_FOR_DIAGNOSTIC_USE
     sc.DerivationDescription = (
-        f"Lung window W{LUNG_WINDOW[0]:g}/L{LUNG_WINDOW[1]:g} with model heat-map overlay"
+        f"Lung window W{LUNG_WINDOW[1]:g}/L{LUNG_WINDOW[0]:g} with model heat-map overlay"
     )
     source = pydicom.Dataset()
     source.ReferencedSOPClassUID = key.SOPClassUID

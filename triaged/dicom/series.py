@@ -39,8 +39,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels.processing import apply_modality_lut
-from pydicom.pixels.utils import pixel_array
+
+from triaged.pipeline.hu import slice_hu
 
 __all__ = [
     "NoEligibleSeries",
@@ -479,11 +479,10 @@ def select_series(paths: Iterable[Path | str], rules: SeriesRules | None = None)
 
 def _read_slice(path: Path) -> tuple[Dataset, np.ndarray]:
     ds = pydicom.dcmread(path)
-    stored = pixel_array(ds)  # decodes without caching a copy on the dataset
-    if stored.ndim != 2:
-        raise ValueError(f"{path.name}: expected one 2-D frame, got shape {stored.shape}")
-    hu = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-    return ds, hu
+    try:
+        return ds, slice_hu(ds)
+    except ValueError as exc:
+        raise ValueError(f"{path.name}: {exc}") from exc
 
 
 def load_volume(source: SeriesChoice | Sequence[Path | str], *, threads: int = 2) -> Volume:

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from triaged.config import describe_validation_error, read_toml
-from triaged.training.preprocess import LUNG_WINDOW
+from triaged.pipeline.hu import LUNG_WINDOW
 
 RequestedPriority = Literal["STAT", "HIGH", "ROUTINE", "MEDIUM", "LOW"]
 REQUESTED_PRIORITIES: tuple[str, ...] = ("STAT", "HIGH", "ROUTINE", "MEDIUM", "LOW")

@@ -2,7 +2,7 @@
 
 :func:`load_models` resolves every ``[[models]]`` entry of a pipeline (``version = "live"``
 follows the store's live pointer), rebuilds each module from its card
-(:func:`triaged.training.builders.load_version`, so training, the CLI and scoring agree),
+(:func:`triaged.pipeline.builders.load_version`, which training and the CLI use too),
 checks it fits its role and the pipeline's preprocessing, and prepares it for the fastest
 inference mode on the device. Pass the previous result back in as ``previous``: when the
 store's live tokens (one ``stat`` each) have not changed it is returned as is, so a worker can
@@ -24,9 +24,10 @@ from torch import nn
 
 from triaged.dicom.results import ModelInfo
 from triaged.nets.inference import prepare, resolve_device
+from triaged.pipeline.builders import load_version
 from triaged.pipeline.definition import ModelEntry, Pipeline
-from triaged.registry import ModelNotFoundError, ModelStore, ModelVersion
-from triaged.training.preprocess import Preprocessing
+from triaged.pipeline.preprocess import Preprocessing
+from triaged.registry import ModelNotFoundError, ModelStore, ModelVersion, name_ref
 
 #: Architecture (card ``architecture.name``) each role needs.
 ROLE_ARCHITECTURE = {"fusion": "fusion", "cbam": "baseline-cnn"}
@@ -83,12 +84,7 @@ def _state_key(pipeline: Pipeline, store: ModelStore) -> tuple[tuple[str, str, s
 def _resolve(entry: ModelEntry, store: ModelStore) -> ModelVersion | str:
     """The store version of an entry, or why there is none."""
     try:
-        if entry.version == "live":
-            mv = store.live(entry.name)
-            if mv is None:
-                return f"no live version of {entry.name!r} in {store.root}"
-            return mv
-        return store.get(entry.name, entry.version)
+        return store.resolve(name_ref(entry.name, entry.version))
     except ModelNotFoundError as exc:
         return str(exc)
 
@@ -141,8 +137,6 @@ def load_models(
     ``device``: None = CUDA when present, else CPU. Nothing is downloaded; weights are checked
     against their card's sha256 by the store.
     """
-    from triaged.training.builders import load_version
-
     dev = resolve_device(device)
     key = _state_key(pipeline, store)
     if (

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import pydicom
 import torch
-from monai.transforms import MapTransform
+from monai.transforms import Transform
 
 from triaged.dicom.results import ModelInfo, StudyFindings
+from triaged.dicom.series import NoEligibleSeries, choose_series
 from triaged.nets.explain import fusion_cam
 from triaged.nets.inference import (
     inference_context,
@@ -43,7 +44,7 @@ from triaged.pipeline.aggregate import aggregate
 from triaged.pipeline.definition import Pipeline
 from triaged.pipeline.models import LoadedModel, LoadedModels
 from triaged.pipeline.priority import prioritise, requested_priority
-from triaged.pipeline.selection import NoEligibleSeries, choose_series, load_series
+from triaged.pipeline.selection import expand, series_rules
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _require_models(models: LoadedModels) -> LoadedModel | Skip:
     return fusion
 
 
-def preparation_for(pipeline: Pipeline, models: LoadedModels) -> list[MapTransform]:
+def preparation_for(pipeline: Pipeline, models: LoadedModels) -> list[Transform]:
     """The pipeline's transforms after loading (orientation -> ... -> model inputs).
 
     Run one after the other rather than through ``Compose``, which would wrap
@@ -307,12 +308,11 @@ def score_study(
     if isinstance(fusion, Skip):
         return fusion
     with clock.stage("select"):
-        try:
-            choice = choose_series(sources, pipeline.series)
-        except NoEligibleSeries as exc:
-            return Skip(str(exc))
+        choice = choose_series(expand(sources), series_rules(pipeline.series))
+    if isinstance(choice, NoEligibleSeries):
+        return Skip(str(choice))
     with clock.stage("load"):
-        data: dict[Hashable, Any] = T.LoadVolumed(loader=load_series)({T.SERIES: choice})
+        data: dict[Hashable, Any] = T.LoadVolumed()({T.SERIES: choice})
     with clock.stage("transforms"):
         try:
             for step in preparation_for(pipeline, models):

@@ -1,9 +1,10 @@
 """The bridge from a pipeline's ``[series]`` section to ``triaged.dicom.series``.
 
 Series selection and volume building belong to the DICOM layer (``triaged.dicom.series``:
-``SeriesRules``, ``select_series``, ``NoEligibleSeries``, ``load_volume``); this module only
-turns the pipeline's settings into its rules and expands folders into files, so scoring can
-answer ``Skip`` with the DICOM layer's reason when no series fits.
+``choose_series`` returns the ``SeriesChoice`` or the ``NoEligibleSeries`` with the reason,
+``load_volume``); this module only turns the pipeline's settings into its rules and expands
+folders into files. Scoring and training (``triaged.training.dicom_data``) both call
+``choose_series(expand(sources), series_rules(section))``.
 """
 
 from __future__ import annotations
@@ -11,17 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from triaged.dicom.series import (
-    NoEligibleSeries,
-    SeriesChoice,
-    SeriesRules,
-    Volume,
-    load_volume,
-    select_series,
-)
+from triaged.dicom.series import SeriesRules
 from triaged.pipeline.definition import SeriesSection
 
-__all__ = ["NoEligibleSeries", "choose_series", "expand", "load_series", "series_rules"]
+__all__ = ["expand", "series_rules"]
 
 
 def expand(sources: Sequence[str | Path] | str | Path) -> list[Path]:
@@ -44,18 +38,3 @@ def series_rules(section: SeriesSection) -> SeriesRules:
     values = section.model_dump()
     values["exclude_image_types"] = tuple(values["exclude_image_types"])
     return SeriesRules(**values)
-
-
-def choose_series(
-    sources: Sequence[str | Path] | str | Path, section: SeriesSection
-) -> SeriesChoice:
-    """The series to score; :class:`NoEligibleSeries` (the DICOM layer's) with the reason."""
-    files = expand(sources)
-    if not files:
-        raise NoEligibleSeries("no eligible series (no files)")
-    return select_series(files, series_rules(section))
-
-
-def load_series(choice: SeriesChoice) -> Volume:
-    """The chosen series as a volume (``.hu`` (Z, H, W) in HU, ``.datasets`` in that order)."""
-    return load_volume(choice)

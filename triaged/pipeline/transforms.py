@@ -15,24 +15,35 @@ composes them the way scoring does. Keys (module constants) of the data dict:
 ``window``       float32 ``(n, H, W)`` the slices through the lung window, in ``[0, 1]``
 ``input_<role>`` float32 tensor ``(n, 1, S, S)``: the model's input (``S`` from its card)
 
-Resizing and the window use :mod:`triaged.training.preprocess`, the code training uses, so a
-model is fed exactly as it was trained (``tests/pipeline`` checks the equality bit for bit).
+Resizing uses :mod:`triaged.pipeline.preprocess` and the window :mod:`triaged.pipeline.hu`,
+the code training uses too (``triaged.training.dicom_data`` builds DICOM training samples
+with these very transforms), so a model is fed exactly as it was trained (``tests/pipeline``
+and ``tests/training`` check the equality bit for bit).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from pathlib import Path
+from typing import Any, Final, Literal, TypedDict, Unpack
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.transforms import Compose, MapTransform
+from monai.transforms import (
+    Compose,
+    CopyItemsd,
+    MapTransform,
+    ScaleIntensityRanged,
+    ToNumpyd,
+    Transform,
+)
 from scipy import ndimage
 
-from triaged.training.preprocess import Preprocessing, window_hu
+from triaged.pipeline.hu import LUNG_WINDOW, window_bounds
+from triaged.pipeline.preprocess import Preprocessing
 
 SERIES: Final = "series"
 HU: Final = "hu"
@@ -286,23 +297,36 @@ class SelectSlicesd(_Transform):
         d[SLICES] = np.ascontiguousarray(d[self.key][idx], dtype=np.float32)
 
 
-class LungWindowd(_Transform):
-    """``slices`` (HU) -> ``window``: the lung window, float32 in ``[0, 1]``."""
+class LungWindowd(Compose):
+    """``slices`` (HU) -> ``window``: the lung window, float32 numpy in ``[0, 1]``.
+
+    MONAI's ``ScaleIntensityRanged`` with ``clip=True`` over the window's HU range, on a copy
+    (``slices`` keeps its HU); bit for bit :func:`triaged.pipeline.hu.window_hu`.
+    """
 
     def __init__(
-        self, keys: KeysCollection = SLICES, level: float = -600.0, width: float = 1500.0
+        self,
+        keys: Hashable = SLICES,
+        level: float = LUNG_WINDOW[0],
+        width: float = LUNG_WINDOW[1],
     ) -> None:
-        super().__init__(keys)
-        self.level = level
-        self.width = width
-
-    def apply(self, d: dict[Hashable, Any]) -> None:
-        d[WINDOW] = window_hu(d[self.key], self.level, self.width)
+        low, high = window_bounds(level, width)
+        super().__init__(
+            [
+                CopyItemsd(keys=keys, names=WINDOW),
+                ScaleIntensityRanged(
+                    keys=WINDOW, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True
+                ),
+                ToNumpyd(keys=WINDOW),
+            ],
+            map_items=False,
+            log_stats=False,
+        )
 
 
 class ModelInputd(_Transform):
     """``window`` -> ``input_<role>``: each slice resized by the model's own
-    :class:`~triaged.training.preprocess.Preprocessing`, stacked ``(n, 1, S, S)``."""
+    :class:`~triaged.pipeline.preprocess.Preprocessing`, stacked ``(n, 1, S, S)``."""
 
     def __init__(
         self, preprocessing: Preprocessing, role: str, keys: KeysCollection = WINDOW
@@ -317,40 +341,49 @@ class ModelInputd(_Transform):
         d[input_key(self.role)] = torch.stack(tensors)
 
 
-def preparation_steps(
-    *,
-    count: int,
-    threshold: float,
-    lung_hu: tuple[float, float],
-    level: float,
-    width: float,
-    inputs: Mapping[str, Preprocessing],
-) -> list[MapTransform]:
-    """The steps after loading: orientation, lung content, slice choice, window, model inputs."""
-    steps: list[MapTransform] = [
+def slice_steps(
+    *, count: int, threshold: float, lung_hu: tuple[float, float]
+) -> list[Transform]:
+    """Orientation, lung content and slice choice: the HU slices scoring and training use."""
+    return [
         CanonicalOrientd(),
         LungFractiond(lung_hu=lung_hu),
         SelectSlicesd(count=count, threshold=threshold),
-        LungWindowd(level=level, width=width),
     ]
-    steps.extend(ModelInputd(prep, role) for role, prep in inputs.items())
+
+
+class PreparationSettings(TypedDict):
+    """What the steps after loading need (a pipeline's ``[preprocess]`` and its models)."""
+
+    count: int
+    threshold: float
+    lung_hu: tuple[float, float]
+    level: float
+    width: float
+    inputs: Mapping[str, Preprocessing]
+
+
+def preparation_steps(**settings: Unpack[PreparationSettings]) -> list[Transform]:
+    """The steps after loading: :func:`slice_steps`, then the window and the model inputs."""
+    steps = slice_steps(
+        count=settings["count"], threshold=settings["threshold"], lung_hu=settings["lung_hu"]
+    )
+    steps.append(LungWindowd(level=settings["level"], width=settings["width"]))
+    steps.extend(ModelInputd(prep, role) for role, prep in settings["inputs"].items())
     return steps
 
 
+def canonical_hu(path: str | Path) -> np.ndarray:
+    """One DICOM slice file as scoring sees it: :class:`LoadVolumed` (HU through the
+    modality LUT) then :class:`CanonicalOrientd`; float32 ``(H, W)``, contiguous."""
+    data = CanonicalOrientd()(LoadVolumed()({SERIES: [Path(path)]}))
+    return np.ascontiguousarray(data[HU][0])
+
+
 def preparation(
-    *,
-    count: int,
-    threshold: float,
-    lung_hu: tuple[float, float],
-    level: float,
-    width: float,
-    inputs: Mapping[str, Preprocessing],
-    loader: Callable[[Any], Any] | None = None,
+    *, loader: Callable[[Any], Any] | None = None, **settings: Unpack[PreparationSettings]
 ) -> Compose:
     """The whole preparation chain, series to model inputs, as one MONAI ``Compose``
     (which reports a failing step as ``RuntimeError`` with the original as its cause)."""
-    steps = preparation_steps(
-        count=count, threshold=threshold, lung_hu=lung_hu, level=level, width=width,
-        inputs=inputs,
-    )
+    steps = preparation_steps(**settings)
     return Compose([LoadVolumed(loader=loader), *steps], map_items=False, log_stats=False)

@@ -2,17 +2,21 @@
 
 API overview (import from the submodules; this package imports nothing heavy itself):
 
+Preparation (``Preprocessing``, the lung window, the HU decoder, series and slice choice,
+``build_model`` / ``load_version``) is the pipeline's: ``triaged.pipeline.preprocess``,
+``.hu``, ``.transforms``, ``.builders``; training imports it from there
+(``training.preprocess`` and ``training.builders`` re-export the old names).
+
 ``preprocess``
-    ``Preprocessing(size, window_level, window_width)``: ``prep(image, "display"|"hu") ->
-    (1, S, S)`` float in [0, 1]; ``prep.mask(mask)``; ``as_card()`` / ``from_card()``;
-    ``read_grey(path)`` (decode by content), ``window_hu``, ``LUNG_WINDOW``. Scoring uses it too.
+    re-exports ``triaged.pipeline.preprocess``: ``Preprocessing``, ``read_grey``,
+    ``window_hu``, ``LUNG_WINDOW``.
 ``datasets``
     ``Sample``; readers ``covid_ct(root)``, ``covid_semiseg(root)``, ``medseg_png(root)``,
     ``synthetic(root, n, size, seed)``; ``SliceDataset(samples, prep, augment, seed,
-    with_mask)``; ``load_image``, ``load_mask``, ``stable_split``.
+    with_mask)``; ``load_image``, ``load_mask``, ``read_hu``, ``stable_split``.
 ``dicom_data``
     ``dicom_manifest(csv)``, ``worklist_labels(export)`` (format ``triaged-labels/1``),
-    ``read_label_export``, ``study_slices``, ``read_hu``.
+    ``read_label_export``, ``study_slices`` (scoring's series and slice choice).
 ``metrics``
     ``accuracy``, ``f1``, ``auc``, ``confusion``, ``roc_curve``, ``bootstrap_ci``, ``report``,
     ``dice`` (COVID = 1 is the positive class).
@@ -22,7 +26,7 @@ API overview (import from the submodules; this package imports nothing heavy its
     Algorithm 2 (``run_stage``), Algorithm 1 (``train_semi``), Rao et al.'s CNN
     (``train_baseline``), each with its settings dataclass (paper defaults).
 ``builders``
-    ``build_model(architecture)``, ``load_version(model_version)``, ``init_backbone``.
+    ``init_backbone``; re-exports ``build_model``, ``load_version`` (``triaged.pipeline``).
 ``retrain``
     ``RetrainOptions``, ``retrain(options) -> RetrainResult``, ``evaluate_version``.
 ``cli``

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from triaged.nets.cbam import BaselineCNN, prob_covid
+from triaged.pipeline.preprocess import Preprocessing
 from triaged.training.datasets import Sample, SliceDataset
 from triaged.training.loop import Phase, PhaseResult, Runtime, run_phase
-from triaged.training.preprocess import Preprocessing
 from triaged.training.staged import head_metrics
 
 

@@ -1,51 +1,21 @@
-"""Model cards <-> torch modules: build from an architecture, load a registered version.
+"""Backbone initialisation for training; building and loading modules from cards.
 
-The card's ``architecture`` is the only thing needed to rebuild a module (``name`` picks the
-class, ``params`` its constructor arguments), so the pipeline, the CLI and the trainer all
-go through :func:`build_model` / :func:`load_version` and can never disagree.
-
-Names: ``fusion`` (:class:`triaged.nets.fusion.FusionNet`, params = ``FusionConfig``),
-``infnet`` (:class:`triaged.nets.infnet.InfNet`, params ``channel``, ``input_size``),
-``baseline-cnn`` (:class:`triaged.nets.cbam.BaselineCNN`, params ``cbam``, ``size``).
+:func:`build_model` and :func:`load_version` live in :mod:`triaged.pipeline.builders` (the
+pipeline loads the models it scores with; training builds on it) and are re-exported here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from torch import nn
 
-from triaged.registry import Architecture, ModelVersion
+from triaged.pipeline.builders import build_model, load_version
+
+__all__ = ["Init", "build_model", "init_backbone", "load_version"]
 
 Init = Literal["random", "imagenet"] | str
-
-
-def build_model(arch: Architecture | dict[str, Any]) -> nn.Module:
-    """A freshly initialised module for an architecture description."""
-    a = arch if isinstance(arch, Architecture) else Architecture.model_validate(arch)
-    if a.name == "fusion":
-        from triaged.nets.fusion import FusionConfig, FusionNet
-
-        return FusionNet(FusionConfig.from_dict(a.params))
-    if a.name == "infnet":
-        from triaged.nets.infnet import InfNet
-
-        return InfNet(int(a.params.get("channel", 32)))
-    if a.name == "baseline-cnn":
-        from triaged.nets.cbam import BaselineCNN
-
-        return BaselineCNN(
-            cbam=bool(a.params.get("cbam", True)), size=int(a.params.get("size", 180))
-        )
-    raise ValueError(f"unknown architecture {a.name!r}")
-
-
-def load_version(mv: ModelVersion) -> nn.Module:
-    """The registered module with its weights, in eval mode (no download, strict keys)."""
-    model = build_model(mv.card.architecture)
-    model.load_state_dict(mv.state_dict(), strict=True)
-    return model.eval()
 
 
 def init_backbone(backbone: nn.Module, init: Init) -> str:

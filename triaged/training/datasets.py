@@ -2,7 +2,8 @@
 
 A reader turns a folder into a list of :class:`Sample` records (paths, label, mask, split,
 group); nothing is decoded until a :class:`SliceDataset` asks for an item, and then through
-:mod:`triaged.training.preprocess`, the same code the scoring pipeline uses.
+:mod:`triaged.pipeline.preprocess` (and DICOM through :mod:`triaged.pipeline.transforms`),
+the same code the scoring pipeline uses.
 
 Conventions: label 1 = COVID (positive), 0 = non-COVID, ``None`` = unknown. Masks decode
 through a 256-entry lookup table (``mask_lut``) from stored byte value to target value, so
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from triaged.training.preprocess import Preprocessing, Source, read_grey
+from triaged.atomic import atomic_path
+from triaged.pipeline.preprocess import Preprocessing, Source, read_grey
+from triaged.pipeline.transforms import canonical_hu
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -66,11 +68,20 @@ class Sample:
             raise ValueError(f"{self.id}: mask_lut needs 256 entries")
 
 
+def read_hu(path: Path) -> np.ndarray:
+    """One slice in Hounsfield units: a ``.npy``, or a DICOM file as scoring prepares it.
+
+    A DICOM slice goes through :func:`triaged.pipeline.transforms.canonical_hu` (the
+    modality LUT, then canonical orientation): the very transforms scoring runs.
+    """
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False).astype(np.float32)
+    return canonical_hu(path)
+
+
 def load_image(sample: Sample) -> np.ndarray:
     """The sample's pixels: display intensities (uint8/uint16) or Hounsfield units."""
     if sample.source == "hu":
-        from triaged.training.dicom_data import read_hu  # pydicom only when DICOM is used
-
         return read_hu(sample.image)
     return read_grey(sample.image)
 
@@ -339,11 +350,10 @@ def synthetic(root: str | Path, n: int, size: int = 64, seed: int = 0,
         img_path = root / f"slice{i:04d}.npy"
         mask_path = root / f"slice{i:04d}_mask.png"
         if not (img_path.exists() and mask_path.exists()):  # atomic: torchrun ranks race here
-            tmp = root / f".{os.getpid()}-{i}"
-            np.save(f"{tmp}.npy", images[i].astype(np.float32))
-            Image.fromarray(masks[i].astype(np.uint8) * 255).save(f"{tmp}.png")
-            os.replace(f"{tmp}.png", mask_path)
-            os.replace(f"{tmp}.npy", img_path)
+            with atomic_path(mask_path, durable=False) as tmp:
+                Image.fromarray(masks[i].astype(np.uint8) * 255).save(tmp)
+            with atomic_path(img_path, durable=False) as tmp:
+                np.save(tmp, images[i].astype(np.float32))
         split = "val" if i < n_val else "train"
         out[split].append(Sample(id=f"synthetic/{i}", image=img_path, label=int(labels[i]),
                                  mask=mask_path, mask_lut=BINARY_LUT, source="hu",

@@ -1,10 +1,13 @@
 """A hospital's own labelled studies: DICOM manifests and the worklist's label export.
 
-Both sources label *studies*, while the models classify *slices*. **choice**: a study is
-turned into ``slices_per_study`` slices spread evenly over the central part of its axial
-series (20-80 % of its extent, where the lungs are), each carrying the study's label. A
-COVID study's label is noisy for a single slice, but that is the weak supervision the data
-allows; the split is always by study (``group``), so no study is in two splits.
+Both sources label *studies*, while the models classify *slices*. A study is turned into
+``slices_per_study`` slices by the scoring pipeline's own preparation (series selection by
+the ``[series]`` rules, HU through the modality LUT, canonical orientation, slices evenly
+spaced over those containing lung, see :func:`study_slices`), each carrying the study's
+label; so a model is trained on exactly what scoring will feed it (a prone or feet-first
+study included). A COVID study's label is noisy for a single slice, but that is the weak
+supervision the data allows; the split is always by study (``group``), so no study is in
+two splits.
 
 Manifest (CSV, header required; paths relative to the CSV file)::
 
@@ -35,16 +38,23 @@ separated by ``;``) and optionally ``series_instance_uid,labelled_by,labelled_at
 from __future__ import annotations
 
 import csv
-from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
+import logging
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from triaged.training.datasets import Sample, stable_split
+from triaged.dicom.series import NoEligibleSeries, choose_series, read_headers
+from triaged.pipeline import transforms as T
+from triaged.pipeline.definition import PreprocessSection, SeriesSection
+from triaged.pipeline.selection import expand, series_rules
+from triaged.training.datasets import Sample, read_hu, stable_split
+
+log = logging.getLogger("triaged.training")
+
+__all__ = ["DataError", "LabelExport", "LabelRecord", "dicom_manifest", "parse_label",
+           "read_hu", "read_label_export", "study_slices", "worklist_labels"]
 
 LABEL_WORDS = {
     "1": 1, "covid": 1, "covid-19": 1, "covid19": 1, "positive": 1, "pos": 1, "true": 1,
@@ -65,89 +75,72 @@ def parse_label(value: object, where: str) -> int:
     return LABEL_WORDS[key]
 
 
-def read_hu(path: Path) -> np.ndarray:
-    """One slice in Hounsfield units: a DICOM file (modality LUT applied) or a ``.npy``."""
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False).astype(np.float32)
-    import pydicom
-    from pydicom.pixels import apply_rescale
-
-    ds = pydicom.dcmread(path)
-    return np.asarray(apply_rescale(ds.pixel_array, ds), dtype=np.float32)
+def _only_series(files: list[Path], series_uid: str) -> list[Path]:
+    headers, _ = read_headers(files)
+    return [h.path for h in headers if str(h.ds.get("SeriesInstanceUID", "")) == series_uid]
 
 
-@dataclass(frozen=True)
-class _Slice:
-    path: Path
-    series: str
-    position: float
-    localizer: bool
-    rows: int
+def study_slices(
+    paths: Iterable[Path],
+    n: int,
+    series_uid: str | None = None,
+    *,
+    series: SeriesSection | None = None,
+    preprocess: PreprocessSection | None = None,
+) -> list[Path]:
+    """Up to ``n`` slice files of a study, chosen exactly as scoring chooses its slices;
+    :class:`DataError` with scoring's reason when scoring would skip the study.
 
-
-def _scan(paths: Iterable[Path]) -> list[_Slice]:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    out: list[_Slice] = []
-    for p in paths:
-        try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except (InvalidDicomError, OSError):
-            continue
-        if "PixelData" not in ds and not hasattr(ds, "Rows"):
-            continue
-        image_type = [str(v).upper() for v in ds.get("ImageType", [])]
-        pos = ds.get("ImagePositionPatient")
-        orient = ds.get("ImageOrientationPatient")
-        if pos is not None and orient is not None:
-            row, col = np.asarray(orient[:3], float), np.asarray(orient[3:], float)
-            z = float(np.dot(np.cross(row, col), np.asarray(pos, float)))
-        else:
-            z = float(ds.get("InstanceNumber", 0) or 0)
-        out.append(_Slice(p, str(ds.get("SeriesInstanceUID", "")), z,
-                          "LOCALIZER" in image_type, int(ds.get("Rows", 0))))
-    return out
-
-
-def study_slices(paths: Iterable[Path], n: int, series_uid: str | None = None) -> list[Path]:
-    """``n`` slice files spread over the central 20-80 % of the study's axial series.
-
-    The series is the one given, else the non-localizer series with the most slices (the
-    daemon's series selection prefers the same: most slices, no localizer).
+    Scoring's series selection (``series``: a pipeline's ``[series]`` section, default the
+    pipeline defaults), its HU volume, and its slice selection (lung content from
+    ``preprocess``, ``n`` slices evenly spaced between the first and the last slice with
+    lung); with ``series_uid`` only that series is considered. A single file is a slice the
+    admin chose: it is kept if it is an eligible CT slice, whatever its lung content.
     """
-    files: list[Path] = []
-    for p in paths:
-        files.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
-    slices = [s for s in _scan(files) if not s.localizer]
+    series = series or SeriesSection()
+    preprocess = preprocess or PreprocessSection()
+    paths = list(paths)
+    files = expand(paths)
     if series_uid is not None:
-        slices = [s for s in slices if s.series == series_uid]
-    if not slices:
-        return []
-    by_series: dict[str, list[_Slice]] = defaultdict(list)
-    for s in slices:
-        by_series[s.series].append(s)
-    chosen = max(by_series.values(), key=len)
-    chosen.sort(key=lambda s: s.position)
-    k = len(chosen)
-    if n >= k:
-        return [s.path for s in chosen]
-    lo, hi = int(0.2 * (k - 1)), round(0.8 * (k - 1))
-    picks = np.unique(np.linspace(lo, hi, n).round().astype(int))
-    return [chosen[i].path for i in picks]
+        files = _only_series(files, series_uid)
+    choice = choose_series(files, series_rules(series))
+    if isinstance(choice, NoEligibleSeries):
+        raise DataError(str(choice))
+    if len(paths) == 1 and paths[0].is_file():
+        return list(choice.paths_sorted)
+    data: dict[Hashable, Any] = T.LoadVolumed()({T.SERIES: choice})
+    try:
+        for step in T.slice_steps(
+            count=n, threshold=preprocess.lung_threshold, lung_hu=preprocess.lung_hu
+        ):
+            data = step(data)
+    except T.NoLungError as exc:
+        raise DataError(f"no lung: {exc}") from exc
+    return [choice.paths_sorted[int(i)] for i in data[T.INDICES]]
 
 
 def _study_samples(paths: list[Path], label: int, split: str, group: str,
                    slices_per_study: int, series_uid: str | None = None,
-                   meta: dict[str, Any] | None = None) -> list[Sample]:
-    picked = study_slices(paths, slices_per_study, series_uid)
+                   meta: dict[str, Any] | None = None,
+                   sections: tuple[SeriesSection, PreprocessSection] | None = None,
+                   ) -> list[Sample]:
+    """The study's samples; :class:`DataError` when scoring would skip the study."""
+    series, preprocess = sections or (None, None)
+    picked = study_slices(paths, slices_per_study, series_uid, series=series,
+                          preprocess=preprocess)
     return [Sample(id=f"{group}/{p.name}", image=p, label=label, source="hu", split=split,
                    group=group, meta=dict(meta or {})) for p in picked]
 
 
 def dicom_manifest(csv_path: str | Path, slices_per_study: int = 16,
-                   val_fraction: float = 0.2) -> dict[str, list[Sample]]:
-    """An admin's ``path,label[,split][,group]`` CSV -> ``{"train", "val", "test"}`` samples."""
+                   val_fraction: float = 0.2,
+                   sections: tuple[SeriesSection, PreprocessSection] | None = None,
+                   ) -> dict[str, list[Sample]]:
+    """An admin's ``path,label[,split][,group]`` CSV -> ``{"train", "val", "test"}`` samples.
+
+    ``sections``: the ``[series]`` and ``[preprocess]`` sections of the pipeline the model
+    is for (default: the pipeline defaults).
+    """
     csv_path = Path(csv_path)
     base = csv_path.parent
     out: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
@@ -167,9 +160,11 @@ def dicom_manifest(csv_path: str | Path, slices_per_study: int = 16,
             split = row.get("split", "").lower() or stable_split(group, val_fraction)
             if split not in out:
                 raise DataError(f"{where}: split {split!r} is not train/val/test")
-            samples = _study_samples([path], label, split, group, slices_per_study)
-            if not samples:
-                raise DataError(f"{where}: no readable CT slice under {row['path']}")
+            try:
+                samples = _study_samples([path], label, split, group, slices_per_study,
+                                         sections=sections)
+            except DataError as exc:
+                raise DataError(f"{where}: {row['path']}: {exc}") from exc
             out[split].extend(samples)
     return out
 
@@ -230,10 +225,13 @@ def read_label_export(path: str | Path) -> LabelExport:
 
 
 def worklist_labels(path: str | Path, slices_per_study: int = 16,
-                    val_fraction: float = 0.2) -> dict[str, list[Sample]]:
+                    val_fraction: float = 0.2,
+                    sections: tuple[SeriesSection, PreprocessSection] | None = None,
+                    ) -> dict[str, list[Sample]]:
     """Samples from a worklist label export; split by a stable hash of the Study UID.
 
-    The last label of a study wins (a radiologist may correct an earlier one).
+    The last label of a study wins (a radiologist may correct an earlier one); the slices
+    are chosen as in :func:`dicom_manifest`.
     """
     path = Path(path)
     export = read_label_export(path)
@@ -247,6 +245,12 @@ def worklist_labels(path: str | Path, slices_per_study: int = 16,
             raise DataError(f"{path}: study {uid}: spool path {missing[0]} does not exist")
         split = stable_split(uid, val_fraction)
         meta = {"labelled_by": rec.labelled_by, "labelled_at": rec.labelled_at}
-        out[split].extend(_study_samples(paths, rec.label, split, uid, slices_per_study,
-                                         rec.series_instance_uid, meta))
+        try:
+            samples = _study_samples(paths, rec.label, split, uid, slices_per_study,
+                                     rec.series_instance_uid, meta, sections)
+        except DataError as exc:
+            log.warning("label export %s: study %s left out, scoring would skip it: %s",
+                        path.name, uid, exc)
+            continue
+        out[split].extend(samples)
     return out

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from triaged.pipeline.builders import load_version
+from triaged.pipeline.preprocess import Preprocessing
 from triaged.registry import ModelStore, ModelVersion, RegistryError
 from triaged.training import metrics as M
-from triaged.training.builders import load_version
 from triaged.training.datasets import Sample, SliceDataset, covid_ct
-from triaged.training.preprocess import Preprocessing
 
 log = logging.getLogger("triaged.figures")
 
@@ -305,16 +305,6 @@ class FigureSpec:
     dpi: int = DPI
 
 
-def resolve(store: ModelStore, ref: str) -> ModelVersion:
-    name, _, version = ref.partition(":")
-    if version in ("", "live"):
-        live = store.live(name)
-        if live is None:
-            raise ValueError(f"{ref}: model {name!r} has no live version")
-        return live
-    return store.get(name, version)
-
-
 def _slug(ref: str) -> str:
     return ref.replace(":", "-")
 
@@ -327,7 +317,7 @@ def make_figures(store: ModelStore, samples: Sequence[Sample], out: Path,
     refs = ([spec.fusion] if spec.fusion else []) + list(spec.cnns)
     for ref in refs:
         t0 = time.perf_counter()
-        s = score_version(resolve(store, ref), samples)
+        s = score_version(store.resolve(ref), samples)
         scored.append(s)
         written.append(plot_roc_confusion(s, out / f"roc_{_slug(s.ref)}.png", split,
                                           dpi=spec.dpi))
@@ -345,11 +335,11 @@ def make_figures(store: ModelStore, samples: Sequence[Sample], out: Path,
                  f"branches)\n{_split_text(fusion.labels, split)}")
         written.append(plot_tsne(emb, fusion.labels, title,
                                  out / f"tsne_{_slug(fusion.ref)}.png", spec.dpi))
-        written.append(cam_figure(resolve(store, spec.fusion), chosen,
+        written.append(cam_figure(store.resolve(spec.fusion), chosen,
                                   out / f"cam_{_slug(fusion.ref)}.png", split, spec.dpi))
         log.info("t-SNE and CAM in %.1f s", time.perf_counter() - t0)
     if spec.gradcam:
-        mv = resolve(store, spec.gradcam)
+        mv = store.resolve(spec.gradcam)
         written.append(cam_figure(mv, chosen, out / f"gradcam_{_slug(mv.ref)}.png", split,
                                   spec.dpi))
     return written

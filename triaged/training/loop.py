@@ -36,6 +36,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from triaged.atomic import atomic_path, write_atomic
+
 log = logging.getLogger("triaged.training")
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -95,17 +97,13 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------- files
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """A checkpoint that is complete or absent, never torn by a crash."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:

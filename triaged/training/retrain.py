@@ -32,6 +32,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from triaged.pipeline.builders import load_version
+from triaged.pipeline.preprocess import Preprocessing
 from triaged.registry import (
     Architecture,
     ModelCard,
@@ -42,7 +44,6 @@ from triaged.registry import (
 )
 from triaged.training import metrics as M
 from triaged.training.baseline import BaselineSettings, train_baseline
-from triaged.training.builders import load_version
 from triaged.training.datasets import (
     Sample,
     SliceDataset,
@@ -53,6 +54,7 @@ from triaged.training.datasets import (
 )
 from triaged.training.dicom_data import dicom_manifest, worklist_labels
 from triaged.training.loop import (
+    Runtime,
     attach_log,
     log,
     read_json,
@@ -60,7 +62,6 @@ from triaged.training.loop import (
     setup_runtime,
     write_json,
 )
-from triaged.training.preprocess import Preprocessing
 from triaged.training.semi import SemiSettings, mean_dice, split_labelled, train_semi
 from triaged.training.staged import FusionSettings, build_fusion, collect, run_stage
 
@@ -200,16 +201,6 @@ class RetrainResult:
     messages: list[str]
 
 
-def _resolve(store: ModelStore, ref: str) -> ModelVersion:
-    name, _, version = ref.partition(":")
-    if version in ("", "live"):
-        live = store.live(name)
-        if live is None:
-            raise RetrainError(f"{ref}: model {name!r} has no live version")
-        return live
-    return store.get(name, version)
-
-
 def _cls_score(model: nn.Module, arch: str, samples: Sequence[Sample],
                prep: Preprocessing, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """Labels and P(COVID) of a classifier (fusion head or CNN) over ``samples``."""
@@ -335,37 +326,54 @@ def retrain(opts: RetrainOptions) -> RetrainResult:
         handler.close()
 
 
+CLS_SPLIT = ("validation split of the data sources (COVID-CT: official Data-split; DICOM: "
+             "split column or stable hash of the study)")
+
+
+@dataclass
+class _Run:
+    """One retrain run: its options, data and runtime, and what it registered so far."""
+
+    opts: RetrainOptions
+    run_dir: Path
+    rt: Runtime
+    store: ModelStore
+    data: DataBundle
+    versions: list[ModelVersion] = field(default_factory=list)
+    promoted: dict[str, bool] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def cls_counts(self) -> dict[str, int]:
+        return {"train": len(self.data.cls["train"]), "val": len(self.data.cls["val"])}
+
+    def register(self, name: str, model: nn.Module, card: ModelCard,
+                 val_set: Sequence[Sample]) -> None:
+        """Store the model (rank 0 only) and, when asked, promote it if it is better."""
+        if not self.rt.is_main:
+            return
+        model.to("cpu")
+        mv = self.store.register(name, model.state_dict(), card)
+        self.versions.append(mv)
+        self.messages.append(f"registered {mv.ref} ({_brief(card.metrics)})")
+        log.info("registered %s at %s", mv.ref, mv.path)
+        if self.opts.promote:
+            ok, why = _promote(self.store, mv, model, val_set)
+            self.promoted[name] = ok
+            self.messages.append(why)
+            log.info(why)
+
+
 def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
     rt = setup_runtime(opts.precision)
     seed_everything(opts.seed)  # model initialisation is part of the run's seed
-    store = ModelStore(opts.store)
-    data = gather_data(opts, run_dir)
+    run = _Run(opts, run_dir, rt, ModelStore(opts.store), gather_data(opts, run_dir))
+    data = run.data
     train, val, test = data.cls["train"], data.cls["val"], data.cls["test"]
     log.info("retrain in %s: stages %s; %d/%d/%d classification slices, %d+%d segmentation, "
              "%s %s on %s", run_dir, ",".join(opts.stages), len(train), len(val), len(test),
              len(data.seg_labelled), len(data.seg_unlabelled), rt.device, rt.precision,
              f"rank {rt.rank}/{rt.world_size}")
-    versions: list[ModelVersion] = []
-    promoted: dict[str, bool] = {}
-    messages: list[str] = []
-    cls_counts = {"train": len(train), "val": len(val)}
-    cls_split = "validation split of the data sources (COVID-CT: official Data-split; DICOM: " \
-                "split column or stable hash of the study)"
-
-    def register(name: str, model: nn.Module, card: ModelCard, val_set: Sequence[Sample]) -> None:
-        if not rt.is_main:
-            return
-        model.to("cpu")
-        mv = store.register(name, model.state_dict(), card)
-        versions.append(mv)
-        messages.append(f"registered {mv.ref} ({_brief(card.metrics)})")
-        log.info("registered %s at %s", mv.ref, mv.path)
-        if opts.promote:
-            ok, why = _promote(store, mv, model, val_set)
-            promoted[name] = ok
-            messages.append(why)
-            log.info(why)
-
     need_cls = [s for s in opts.stages if s != "infnet"]
     if need_cls and (not train or not val):
         raise RetrainError(f"stages {','.join(need_cls)} need labelled classification data "
@@ -373,96 +381,123 @@ def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
 
     infnet_state: dict[str, torch.Tensor] | None = None
     if "infnet" in opts.stages:
-        if not data.seg_labelled:
-            raise RetrainError("stage infnet needs segmentation data (semiseg:, medseg:, "
-                               "synthetic:)")
-        s = opts.semi_settings()
-        seed_everything(s.seed)
-        res = train_semi(data.seg_labelled, data.seg_unlabelled, s, run_dir / "infnet", rt,
-                         progress=opts.progress)
-        infnet_state = res.model.state_dict()
-        val_seg = split_labelled(data.seg_labelled, s.val_fraction)[1]
-        card = _card(Architecture(name="infnet", params={"channel": s.channel,
-                                                         "input_size": s.input_size}),
-                     data, f"doctor-labelled slices, {s.val_fraction:.0%} held out by a stable "
-                     "hash for validation; unlabelled pool pseudo-labelled in rounds",
-                     {"labelled": res.n_labelled, "pseudo": res.n_pseudo, "val": res.n_val},
-                     {"dice": res.val_dice, "rounds": [r.best for r in res.rounds],
-                      **({"test": evaluate_model(res.model.cpu(), "infnet", data.seg_test,
-                                                 Preprocessing(size=s.input_size))}
-                         if opts.report_test and data.seg_test else {})},
-                     s.as_card(), Preprocessing(size=s.input_size), s.seed)
-        register("infnet", res.model, card, val_seg)
+        infnet_state = _infnet_stage(run)
     elif opts.infnet_from:
-        infnet_state = load_version(_resolve(store, opts.infnet_from)).state_dict()
-
+        infnet_state = load_version(run.store.resolve(opts.infnet_from)).state_dict()
     fusion_stages = [int(s) for s in opts.stages if s in ("1", "2", "3")]
     if fusion_stages:
-        fs = opts.fusion_settings()
-        if opts.start_from:
-            start = _resolve(store, opts.start_from)
-            if start.card.architecture.name != "fusion":
-                raise RetrainError(f"--start-from {start.ref} is not a fusion model")
-            model = cast("FusionNet", load_version(start))
-            fs = replace(fs, input_size=int(start.card.preprocessing.get("size",
-                                                                           fs.input_size)))
-            init_desc = f"from {start.ref}"
-        else:
-            seed_everything(fs.seed)
-            model, init_desc = build_fusion(fs)
-        if infnet_state is not None:
-            model.infnet.load_state_dict(infnet_state)
-        elif 2 in fusion_stages and not opts.start_from:
-            live_inf = store.live("infnet")
-            if live_inf is None:
-                raise RetrainError("stage 2 needs an Inf-Net: add stage infnet, pass "
-                                   "--infnet-from NAME:VERSION, or promote an infnet version")
-            model.infnet.load_state_dict(load_version(live_inf).state_dict())
-            init_desc += f"; Inf-Net {live_inf.ref}"
-        results = {}
-        for st in fusion_stages:
-            results[f"stage{st}"] = run_stage(st, model, train, val, fs, run_dir / f"stage{st}",
-                                              rt, opts.progress)
-        prep = Preprocessing(size=fs.input_size)
-        model.to("cpu")
-        labels, probs = collect(model, SliceDataset(val, prep), ["global", "heatmap",
-                                                                 "infected", "fusion"],
-                                setup_runtime("fp32", "cpu"), fs.batch_size)
-        report = M.report(labels, probs["fusion"], seed=opts.seed)
-        metrics: dict[str, Any] = {"val": report.as_dict(), "auc_branches": {
-            h: M.auc(labels, p) for h, p in probs.items()},
-            "stages": {k: r.best for k, r in results.items()}}
-        if opts.report_test and test:
-            tl, tp = collect(model, SliceDataset(test, prep), ["fusion"],
-                             setup_runtime("fp32", "cpu"), fs.batch_size)
-            metrics["test"] = M.report(tl, tp["fusion"], seed=opts.seed).as_dict()
-        card = _card(Architecture(name="fusion", params=_config(model)), data, cls_split,
-                     cls_counts, metrics, {**fs.as_card(), "init": init_desc,
-                                           "stages_run": fusion_stages},
-                     prep, fs.seed)
-        register("fusion", model, card, val)
-
+        _fusion_stages(run, fusion_stages, infnet_state)
     for variant in ("cbam", "plain"):
-        if variant not in opts.stages:
-            continue
-        bs = opts.baseline_settings(cbam=variant == "cbam")
-        seed_everything(bs.seed)
-        cnn, cnn_res = train_baseline(train, val, bs, run_dir / variant, rt, opts.progress)
-        cnn.to("cpu")
-        prep = Preprocessing(size=bs.size)
-        cnn_labels, cnn_probs = _cls_score(cnn, "baseline-cnn", val, prep, bs.batch_size)
-        metrics = {"val": M.report(cnn_labels, cnn_probs, seed=opts.seed).as_dict(),
-                   "history": cnn_res.history}
-        if opts.report_test and test:
-            test_labels, test_probs = _cls_score(cnn, "baseline-cnn", test, prep, bs.batch_size)
-            metrics["test"] = M.report(test_labels, test_probs, seed=opts.seed).as_dict()
-        card = _card(Architecture(name="baseline-cnn", params={"cbam": bs.cbam, "size": bs.size}),
-                     data, cls_split, cls_counts, metrics, bs.as_card(), prep, bs.seed)
-        register(f"{variant}-cnn", cnn, card, val)
+        if variant in opts.stages:
+            _cnn_stage(run, variant)
 
-    write_json(run_dir / "result.json", {"versions": [v.ref for v in versions],
-                                         "promoted": promoted, "messages": messages})
-    return RetrainResult(run_dir, versions, promoted, messages)
+    write_json(run_dir / "result.json", {"versions": [v.ref for v in run.versions],
+                                         "promoted": run.promoted, "messages": run.messages})
+    return RetrainResult(run_dir, run.versions, run.promoted, run.messages)
+
+
+def _infnet_stage(run: _Run) -> dict[str, torch.Tensor]:
+    """Algorithm 1 (semi-supervised Inf-Net); registers ``infnet``, returns its weights."""
+    data, opts = run.data, run.opts
+    if not data.seg_labelled:
+        raise RetrainError("stage infnet needs segmentation data (semiseg:, medseg:, "
+                           "synthetic:)")
+    s = opts.semi_settings()
+    seed_everything(s.seed)
+    res = train_semi(data.seg_labelled, data.seg_unlabelled, s, run.run_dir / "infnet", run.rt,
+                     progress=opts.progress)
+    state = res.model.state_dict()
+    val_seg = split_labelled(data.seg_labelled, s.val_fraction)[1]
+    prep = Preprocessing(size=s.input_size)
+    metrics: dict[str, Any] = {"dice": res.val_dice, "rounds": [r.best for r in res.rounds]}
+    if opts.report_test and data.seg_test:
+        metrics["test"] = evaluate_model(res.model.cpu(), "infnet", data.seg_test, prep)
+    card = _card(Architecture(name="infnet", params={"channel": s.channel,
+                                                     "input_size": s.input_size}),
+                 data, f"doctor-labelled slices, {s.val_fraction:.0%} held out by a stable "
+                 "hash for validation; unlabelled pool pseudo-labelled in rounds",
+                 {"labelled": res.n_labelled, "pseudo": res.n_pseudo, "val": res.n_val},
+                 metrics, s.as_card(), prep, s.seed)
+    run.register("infnet", res.model, card, val_seg)
+    return state
+
+
+def _fusion_start(run: _Run, fusion_stages: list[int],
+                  infnet_state: dict[str, torch.Tensor] | None,
+                  ) -> tuple[FusionNet, FusionSettings, str]:
+    """The fusion model the stages start from (``--start-from`` or new) with its Inf-Net."""
+    opts, store = run.opts, run.store
+    fs = opts.fusion_settings()
+    if opts.start_from:
+        start = store.resolve(opts.start_from)
+        if start.card.architecture.name != "fusion":
+            raise RetrainError(f"--start-from {start.ref} is not a fusion model")
+        model = cast("FusionNet", load_version(start))
+        fs = replace(fs, input_size=int(start.card.preprocessing.get("size", fs.input_size)))
+        init_desc = f"from {start.ref}"
+    else:
+        seed_everything(fs.seed)
+        model, init_desc = build_fusion(fs)
+    if infnet_state is not None:
+        model.infnet.load_state_dict(infnet_state)
+    elif 2 in fusion_stages and not opts.start_from:
+        live_inf = store.live("infnet")
+        if live_inf is None:
+            raise RetrainError("stage 2 needs an Inf-Net: add stage infnet, pass "
+                               "--infnet-from NAME:VERSION, or promote an infnet version")
+        model.infnet.load_state_dict(load_version(live_inf).state_dict())
+        init_desc += f"; Inf-Net {live_inf.ref}"
+    return model, fs, init_desc
+
+
+def _fusion_stages(run: _Run, fusion_stages: list[int],
+                   infnet_state: dict[str, torch.Tensor] | None) -> None:
+    """Algorithm 2 (staged fusion training); registers ``fusion``."""
+    opts, data = run.opts, run.data
+    train, val, test = data.cls["train"], data.cls["val"], data.cls["test"]
+    model, fs, init_desc = _fusion_start(run, fusion_stages, infnet_state)
+    results = {}
+    for st in fusion_stages:
+        results[f"stage{st}"] = run_stage(st, model, train, val, fs, run.run_dir / f"stage{st}",
+                                          run.rt, opts.progress)
+    prep = Preprocessing(size=fs.input_size)
+    model.to("cpu")
+    labels, probs = collect(model, SliceDataset(val, prep), ["global", "heatmap",
+                                                             "infected", "fusion"],
+                            setup_runtime("fp32", "cpu"), fs.batch_size)
+    report = M.report(labels, probs["fusion"], seed=opts.seed)
+    metrics: dict[str, Any] = {"val": report.as_dict(), "auc_branches": {
+        h: M.auc(labels, p) for h, p in probs.items()},
+        "stages": {k: r.best for k, r in results.items()}}
+    if opts.report_test and test:
+        tl, tp = collect(model, SliceDataset(test, prep), ["fusion"],
+                         setup_runtime("fp32", "cpu"), fs.batch_size)
+        metrics["test"] = M.report(tl, tp["fusion"], seed=opts.seed).as_dict()
+    card = _card(Architecture(name="fusion", params=_config(model)), data, CLS_SPLIT,
+                 run.cls_counts, metrics, {**fs.as_card(), "init": init_desc,
+                                           "stages_run": fusion_stages},
+                 prep, fs.seed)
+    run.register("fusion", model, card, val)
+
+
+def _cnn_stage(run: _Run, variant: str) -> None:
+    """Rao et al.'s CNN, with (``cbam``) or without (``plain``) CBAM; registers it."""
+    opts, data = run.opts, run.data
+    train, val, test = data.cls["train"], data.cls["val"], data.cls["test"]
+    bs = opts.baseline_settings(cbam=variant == "cbam")
+    seed_everything(bs.seed)
+    cnn, cnn_res = train_baseline(train, val, bs, run.run_dir / variant, run.rt, opts.progress)
+    cnn.to("cpu")
+    prep = Preprocessing(size=bs.size)
+    cnn_labels, cnn_probs = _cls_score(cnn, "baseline-cnn", val, prep, bs.batch_size)
+    metrics = {"val": M.report(cnn_labels, cnn_probs, seed=opts.seed).as_dict(),
+               "history": cnn_res.history}
+    if opts.report_test and test:
+        test_labels, test_probs = _cls_score(cnn, "baseline-cnn", test, prep, bs.batch_size)
+        metrics["test"] = M.report(test_labels, test_probs, seed=opts.seed).as_dict()
+    card = _card(Architecture(name="baseline-cnn", params={"cbam": bs.cbam, "size": bs.size}),
+                 data, CLS_SPLIT, run.cls_counts, metrics, bs.as_card(), prep, bs.seed)
+    run.register(f"{variant}-cnn", cnn, card, val)
 
 
 def _config(model: nn.Module) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from triaged.nets.infnet import InfNet, infnet_loss
+from triaged.pipeline.preprocess import Preprocessing
 from triaged.training import metrics as M
 from triaged.training.builders import init_backbone
 from triaged.training.datasets import (
@@ -42,7 +43,6 @@ from triaged.training.datasets import (
     stable_split_key,
 )
 from triaged.training.loop import Phase, PhaseResult, Runtime, log, run_phase, write_json
-from triaged.training.preprocess import Preprocessing
 
 
 @dataclass(frozen=True)

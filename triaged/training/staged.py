@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from triaged.nets.fusion import FusionNet, pooled_features, set_stage
+from triaged.pipeline.preprocess import Preprocessing
 from triaged.training import metrics as M
 from triaged.training.builders import init_backbone
 from triaged.training.datasets import Sample, SliceDataset
 from triaged.training.loop import Phase, PhaseResult, Runtime, atomic_torch_save, run_phase
-from triaged.training.preprocess import Preprocessing
 
 HEADS = ("global", "heatmap", "infected", "fusion")
 

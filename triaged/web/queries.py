@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,6 +19,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Engine, and_, func, select
 from sqlalchemy.orm import Session
 
+from triaged.atomic import write_atomic
 from triaged.config import WebSettings
 from triaged.web.schemas import (
     AuditOut,
@@ -456,14 +456,8 @@ def export_labels(engine: Engine, path: str | os.PathLike[str],
         export = labels(s, spool_root)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".labels-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(export.model_dump(mode="json"), fh, indent=2)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Owner-only, as before: the export names studies and who labelled them.
+    write_atomic(target, json.dumps(export.model_dump(mode="json"), indent=2), mode=0o600)
     return len(export.labels)
 
 
