@@ -271,6 +271,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from triaged.validation.evaluate import LabelsError, read_labels, validate
     from triaged.validation.report import write_report
 
+    if args.resamples < 1:
+        raise UserError("--resamples must be at least 1")
     settings = _settings(args)
     _setup_logging("WARNING")
     processor = processor_for(settings)
