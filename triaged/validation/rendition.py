@@ -49,7 +49,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from triaged.synthetic.study import AXIAL_ORIENTATION
 from triaged.synthetic.writing import StudyInfo, ct_slice, uid_for, write_file
 from triaged.training.datasets import covid_ct
-from triaged.training.preprocess import LUNG_WINDOW, read_grey
+from triaged.training.preprocess import LUNG_WINDOW, read_grey, to_unit_range
 
 MARK = "RENDITION OF PUBLISHED FIGURE - NOT A SCANNER IMAGE"
 FIELD = 512
@@ -228,7 +228,10 @@ def write_study(root: Path, study: RenderedStudy, split: str, out: Path,
     origin = -(FIELD - 1) / 2.0 * px
     paths = []
     for k, image_id in enumerate(study.images):
-        hu = slice_hu(read_grey(root / image_id), level, width)
+        grey = read_grey(root / image_id)
+        if grey.dtype != np.uint8:  # a 16-bit PNG: to 8 bits by its type's range
+            grey = np.rint(to_unit_range(grey) * 255.0).astype(np.uint8)
+        hu = slice_hu(grey, level, width)
         ds = ct_slice(
             info, series_uid=series_uid, series_number=1, description=MARK, instance=k + 1,
             hu=hu, pixel_spacing=(px, px), orientation=AXIAL_ORIENTATION,
