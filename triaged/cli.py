@@ -265,6 +265,51 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- validate / render ---------------------------------------------------------------------------
+def cmd_validate(args: argparse.Namespace) -> int:
+    from triaged.processing import processor_for
+    from triaged.validation.evaluate import LabelsError, read_labels, validate
+    from triaged.validation.report import write_report
+
+    if args.resamples < 1:
+        raise UserError("--resamples must be at least 1")
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    processor = processor_for(settings)
+    if processor is None:
+        raise UserError("no pipeline configured ([pipelines] in the config)")
+    labels = Path(args.labels)
+    try:
+        read_labels(labels)  # a bad labels file is reported before any model loads
+        if processor.live_model() is None:
+            entry = processor.pipeline.model("fusion")
+            raise UserError(f"no live model: {entry.name if entry else 'fusion'} has no "
+                            f"{'live ' if entry is None or entry.version == 'live' else ''}"
+                            f"version in the model store")
+        report = validate(settings, labels, processor, args.resamples, args.seed)
+    except LabelsError as err:
+        raise UserError(str(err)) from None
+    json_path, md_path = write_report(report, Path(args.out))
+    c, auc = report["counts"], report["metrics"]["auc"]
+    auc_text = "undefined" if auc["value"] is None else f"{auc['value']:.3f}"
+    print(f"{c['scored']} of {c['studies']} studies scored ({c['skipped']} skipped, "
+          f"{c['failed']} failed), {c['patients']} patients; AUC {auc_text}; "
+          f"report {md_path}, data {json_path}")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from triaged.validation.rendition import RenditionError, render_covid_ct
+
+    try:
+        summary = render_covid_ct(Path(args.data), args.split, Path(args.out))
+    except RenditionError as err:
+        raise UserError(str(err)) from None
+    print(f"{summary.studies} studies ({summary.patients} patients, {summary.images} images) "
+          f"of the {args.split} split written to {args.out}; labels {summary.labels}")
+    return 0
+
+
 # -- models -----------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
     from triaged.registry import ModelStore, RegistryError
@@ -472,6 +517,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON array")
     p.add_argument("--output", metavar="DIR", help="also write the SR, SC and SEG files here")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "validate",
+        help="study-level AUC, sensitivity/specificity and calibration on labelled studies",
+        description="Score labelled DICOM studies through the daemon's own scoring path and "
+        "write validation.json and validation.md (ROC and reliability plots) with "
+        "patient-level bootstrap intervals. See docs/training.md.",
+    )
+    _add_config(p)
+    p.add_argument("--labels", required=True, metavar="CSV",
+                   help="columns study (folder relative to the CSV, or Study Instance UID), "
+                        "label (0/1), optional patient")
+    p.add_argument("--out", default="validation", metavar="DIR",
+                   help="report folder (default: ./validation)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "render",
+        help="write a public dataset's split as DICOM CT studies (renditions, for validate)",
+        description="covid-ct: each image of one official COVID-CT split becomes an axial "
+        "slice of its patient's study, marked as a rendition of a published figure; also "
+        "writes labels.csv for `triaged validate`. Use val for fitting, test for reporting "
+        "only, once.",
+    )
+    p.add_argument("dataset", choices=["covid-ct"])
+    p.add_argument("--data", required=True, metavar="DIR", help="the COVID-CT folder")
+    p.add_argument("--split", required=True, choices=["train", "val", "test"])
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("models", help="the model store: list, show, promote, rollback")
     _add_config(p)
