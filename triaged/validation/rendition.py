@@ -49,7 +49,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from triaged.synthetic.study import AXIAL_ORIENTATION
 from triaged.synthetic.writing import StudyInfo, ct_slice, uid_for, write_file
 from triaged.training.datasets import covid_ct
-from triaged.training.preprocess import LUNG_WINDOW, read_grey, to_unit_range
+from triaged.pipeline.preprocess import LUNG_WINDOW, read_grey, to_unit_range
 
 MARK = "RENDITION OF PUBLISHED FIGURE - NOT A SCANNER IMAGE"
 FIELD = 512
