@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 from pydicom.pixels import apply_modality_lut
 
+from triaged.dicom.series import select_series
 from triaged.pipeline.definition import load_pipeline
-from triaged.pipeline.selection import choose_series
+from triaged.pipeline.selection import expand, series_rules
 from triaged.training.preprocess import read_grey, window_hu
 from triaged.validation.rendition import AIR_HU, EXTENT, FIELD, MARK
 
@@ -112,9 +113,9 @@ def test_series_selection_accepts_each_study_in_image_order(rendered: Path) -> N
     pipeline = load_pipeline(REPO / "pipelines" / "covid-ct.toml")
     for row in _labels(rendered):
         folder = rendered / row["study"]
-        choice = choose_series([folder], pipeline.series)
+        choice = select_series(expand([folder]), series_rules(pipeline.series))
         assert list(choice.paths_sorted) == sorted(folder.iterdir())
-    two = choose_series([rendered / "covid-patient-1"], pipeline.series)
+    two = select_series(expand([rendered / "covid-patient-1"]), series_rules(pipeline.series))
     assert two.stack is not None and two.stack.positions_mm == (0.0, 5.0)
 
 
