@@ -43,6 +43,7 @@ from triaged.pipeline import transforms as T
 from triaged.pipeline.aggregate import aggregate
 from triaged.pipeline.definition import Pipeline
 from triaged.pipeline.models import LoadedModel, LoadedModels
+from triaged.pipeline.ood import OodAssessment, assess, capture_global_features, withhold_flag
 from triaged.pipeline.priority import prioritise, requested_priority
 from triaged.pipeline.selection import expand, series_rules
 
@@ -86,6 +87,12 @@ class StudyScore:
     outputs: tuple[str, ...]
     timings: dict[str, float]
     series_reason: str = ""
+    ood: OodAssessment | None = None  # only when the fusion version carries an OOD fit
+
+    @property
+    def ood_reason(self) -> str | None:
+        """Why the score should not be trusted, when the slices are unlike the training data."""
+        return self.ood.reason if self.ood is not None else None
 
     def to_findings(self) -> StudyFindings:
         """The input of ``triaged.dicom.results.build_results`` (masks only when SEG is on)."""
@@ -100,6 +107,7 @@ class StudyScore:
             model=self.model,
             cbam_model=self.cbam_model,
             evidence_indices=self.top_slice_indices,
+            comment=self.ood_reason,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +151,7 @@ class StudyScore:
             "infected_pixels": {str(i): int(m.sum()) for i, m in self.infected_masks.items()},
             "outputs": list(self.outputs),
             "timings": dict(self.timings),
+            "ood": None if self.ood is None else self.ood.to_dict(),
         }
 
 
@@ -194,6 +203,25 @@ def _top(probabilities: np.ndarray, k: int) -> np.ndarray:
     return order[: min(k, probabilities.size)]
 
 
+@contextmanager
+def _features_if(fusion: LoadedModel) -> Iterator[list[torch.Tensor] | None]:
+    """The global features of the scoring pass, collected only when there is an OOD fit."""
+    if fusion.ood is None:
+        yield None
+        return
+    with capture_global_features(fusion.module) as seen:
+        yield seen
+
+
+def _assess_ood(
+    fusion: LoadedModel, features: list[torch.Tensor] | None
+) -> OodAssessment | None:
+    """The study's OOD assessment (None without a fit: scoring is then as before)."""
+    if fusion.ood is None or not features:
+        return None
+    return assess(fusion.ood, torch.cat(features).numpy())
+
+
 def score_prepared(
     data: Mapping[Hashable, Any],
     pipeline: Pipeline,
@@ -216,14 +244,15 @@ def score_prepared(
 
     with clock.stage("fusion"):
         x = data[T.input_key("fusion")]
-        out = predict_fusion(
-            fusion.module,  # type: ignore[arg-type]
-            x,
-            fusion.device,
-            batch_size=fusion.entry.batch_size,
-            fast=fusion.entry.fast,
-            explain=True,
-        )
+        with _features_if(fusion) as features:
+            out = predict_fusion(
+                fusion.module,  # type: ignore[arg-type]
+                x,
+                fusion.device,
+                batch_size=fusion.entry.batch_size,
+                fast=fusion.entry.fast,
+                explain=True,
+            )
     p_fusion = out.p_fusion.numpy().astype(np.float64)
 
     p_cbam: np.ndarray | None = None
@@ -245,6 +274,9 @@ def score_prepared(
         first = datasets[0]
         req = requested if requested is not None else requested_priority(first)
         prio = prioritise(study_p, pipeline.priority, req)
+        ood = _assess_ood(fusion, features)
+        if ood is not None and ood.out_of_distribution:
+            prio = withhold_flag(prio, study_p, pipeline.priority)
 
     with clock.stage("explain"):
         top_x = x[top].to(fusion.device)
@@ -288,6 +320,7 @@ def score_prepared(
         outputs=outputs,
         timings=dict(clock.timings),
         series_reason=str(getattr(data.get(T.SERIES), "reason", "")),
+        ood=ood,
     )
 
 
