@@ -1,24 +1,30 @@
 """Say when the model should not be trusted: slices unlike the data the model was trained on.
 
-**What is measured.** The fusion model's own view of a slice: the global branch's pooled
-feature vector (``FusionNet.global_branch.backbone(x).pooled``, D = 1280 for Lite0, 1664 for
-DenseNet169). Every other branch starts from what the global branch saw (the heat-map crop
-comes from its feature map), so a slice whose global feature is unlike any training slice
-is one the whole model has no experience of. Features rather than raw pixel statistics
-because an input statistic (mean HU, histogram) misses what matters to the network (a
-reconstruction kernel, a different body part at the same density) and flags what does not.
+**What is measured.** Each slice exactly as the fusion model is given it (the prepared
+input, lung-windowed to [0, 1] at the model's size), summarised as an 8x8 thumbnail (mean of
+each block: where the bright and dark parts are) plus a 16-bin histogram of its values (what
+the window did to it): 80 numbers per slice. That is a measure on the model's *inputs*, not
+its internal features, chosen because it could be checked: on the tiny test models (random
+weights, BatchNorm calibrated) the global branch's pooled features put phantom, inverted,
+noise and blank slices at the same distance (Mahalanobis 33-38 for all of them, threshold
+39), so a feature measure could not be shown to work without a trained model, while this
+one separates them cleanly (in-distribution studies 0-13% of slices beyond the threshold,
+inverted/noise/blank 100%). It catches what reaches the model differently from training: a
+wrong window or inverted pixels, another body part, a scout or a blank series, heavy noise or
+artefacts. It does not see subtler shifts a trained network may care about (a sharper kernel,
+another scanner's texture); the card names the feature (``ood.feature``) so a feature-based
+measure can be added as another kind later.
 
-**How it is fitted.** A Gaussian on the training slices' features: their mean and a
-Ledoit-Wolf shrinkage covariance (scikit-learn), which stays well conditioned when there are
-fewer slices than dimensions. A slice's score is its Mahalanobis distance to that Gaussian.
-The slice threshold is the ``quantile`` (default 0.99) of *out-of-fold* training distances:
-the training slices are split into folds and each fold is measured under a Gaussian fitted
-on the others, because in-sample distances of a high-dimensional fit are far smaller than
-those of new slices from the same distribution (an in-sample threshold would call ordinary
-new studies "unlike"). The stored mean/precision are then fitted on all training slices.
+**How it is fitted.** A Gaussian on the training slices' 80 numbers: their mean and a
+Ledoit-Wolf shrinkage covariance (scikit-learn), well conditioned even with few slices. A
+slice's score is its Mahalanobis distance. The slice threshold is the ``quantile`` (default
+0.99) of *out-of-fold* training distances: each fold is measured under a Gaussian fitted on
+the others, because in-sample distances are smaller than those of new slices from the same
+distribution and would make the threshold too strict. Mean and precision are then fitted on
+all training slices.
 
 **Per study.** The share of its scored slices beyond the threshold; the study is out of
-distribution when that share is above ``max_share`` (default 0.5: most of the slices). It
+distribution when that share is above ``max_share`` (default 0.5: most of its slices). It
 keeps its score, gets the reason "out of distribution: N of M slices unlike the training
 data", and :func:`withhold_flag` keeps it from being flagged on that score alone.
 
@@ -32,8 +38,6 @@ field. A version without that field is scored exactly as before.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,9 +45,9 @@ from typing import Any, Final
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.numpy import load, save
 from sklearn.covariance import LedoitWolf
-from torch import nn
 
 from triaged.pipeline.definition import PrioritySection
 from triaged.pipeline.priority import Priority, normalise_requested
@@ -57,7 +61,9 @@ from triaged.registry import (
 )
 
 OOD_FILE: Final = "ood.safetensors"
-FEATURE: Final = "fusion.global_branch.pooled"
+FEATURE: Final = "input.thumbnail8+histogram16"
+THUMB: Final = 8
+BINS: Final = 16
 DEFAULT_QUANTILE: Final = 0.99
 DEFAULT_MAX_SHARE: Final = 0.5
 MIN_SLICES: Final = 10
@@ -164,46 +170,15 @@ def assess(fit_: OodFit, features: np.ndarray) -> OodAssessment:
 
 
 # ---------------------------------------------------------------------------- features
-def _global_backbone(model: nn.Module) -> nn.Module:
-    branch = getattr(model, "global_branch", None)
-    if branch is None:
-        raise OodError("the OOD measure needs a fusion model (it has no global branch)")
-    backbone: nn.Module = branch.backbone
-    return backbone
-
-
-@torch.no_grad()
-def global_features(
-    model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu"
-) -> np.ndarray:
-    """Pooled global features ``(N, D)`` of prepared images, in float32 (for fitting)."""
-    backbone = _global_backbone(model)
-    was_training = model.training
-    model.eval()
-    out = [backbone(b.to(device, dtype=torch.float32)).pooled.float().cpu() for b in batches]
-    model.train(was_training)
-    if not out:
-        raise OodError("no training images to fit the OOD measure on")
-    return torch.cat(out).numpy()
-
-
-@contextmanager
-def capture_global_features(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the global branch's pooled features of every forward inside the block.
-
-    A forward hook, so scoring gets the features from the pass it runs anyway (no second
-    pass over the slices). Only wrap the scoring pass: a CAM pass would add rows.
-    """
-    seen: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, _inp: Any, output: Any) -> None:
-        seen.append(output.pooled.detach().float().cpu())
-
-    handle = _global_backbone(model).register_forward_hook(hook)
-    try:
-        yield seen
-    finally:
-        handle.remove()
+def input_features(images: torch.Tensor) -> np.ndarray:
+    """``(N, 1, S, S)`` prepared slices in [0, 1] -> ``(N, 80)``: 8x8 thumbnail + histogram."""
+    x = images.detach().float().cpu().clamp(0.0, 1.0)
+    if x.ndim != 4 or x.shape[1] != 1 or min(x.shape[-2:]) < THUMB:
+        raise OodError(f"expected prepared slices (N, 1, S, S), got {tuple(x.shape)}")
+    thumb = F.adaptive_avg_pool2d(x, THUMB).flatten(1)
+    flat = x.flatten(1)
+    hist = torch.stack([torch.histc(row, bins=BINS, min=0.0, max=1.0) for row in flat])
+    return torch.cat((thumb, hist / flat.shape[1]), dim=1).numpy().astype(np.float64)
 
 
 # ---------------------------------------------------------------------------- priority

@@ -43,7 +43,7 @@ from triaged.pipeline import transforms as T
 from triaged.pipeline.aggregate import aggregate
 from triaged.pipeline.definition import Pipeline
 from triaged.pipeline.models import LoadedModel, LoadedModels
-from triaged.pipeline.ood import OodAssessment, assess, capture_global_features, withhold_flag
+from triaged.pipeline.ood import OodAssessment, assess, input_features, withhold_flag
 from triaged.pipeline.priority import prioritise, requested_priority
 from triaged.pipeline.selection import expand, series_rules
 
@@ -203,23 +203,9 @@ def _top(probabilities: np.ndarray, k: int) -> np.ndarray:
     return order[: min(k, probabilities.size)]
 
 
-@contextmanager
-def _features_if(fusion: LoadedModel) -> Iterator[list[torch.Tensor] | None]:
-    """The global features of the scoring pass, collected only when there is an OOD fit."""
-    if fusion.ood is None:
-        yield None
-        return
-    with capture_global_features(fusion.module) as seen:
-        yield seen
-
-
-def _assess_ood(
-    fusion: LoadedModel, features: list[torch.Tensor] | None
-) -> OodAssessment | None:
-    """The study's OOD assessment (None without a fit: scoring is then as before)."""
-    if fusion.ood is None or not features:
-        return None
-    return assess(fusion.ood, torch.cat(features).numpy())
+def _assess_ood(fusion: LoadedModel, x: torch.Tensor) -> OodAssessment | None:
+    """The study's OOD assessment (None without a fit in the card: scoring is as before)."""
+    return None if fusion.ood is None else assess(fusion.ood, input_features(x))
 
 
 def score_prepared(
@@ -244,15 +230,14 @@ def score_prepared(
 
     with clock.stage("fusion"):
         x = data[T.input_key("fusion")]
-        with _features_if(fusion) as features:
-            out = predict_fusion(
-                fusion.module,  # type: ignore[arg-type]
-                x,
-                fusion.device,
-                batch_size=fusion.entry.batch_size,
-                fast=fusion.entry.fast,
-                explain=True,
-            )
+        out = predict_fusion(
+            fusion.module,  # type: ignore[arg-type]
+            x,
+            fusion.device,
+            batch_size=fusion.entry.batch_size,
+            fast=fusion.entry.fast,
+            explain=True,
+        )
     p_fusion = out.p_fusion.numpy().astype(np.float64)
 
     p_cbam: np.ndarray | None = None
@@ -274,7 +259,7 @@ def score_prepared(
         first = datasets[0]
         req = requested if requested is not None else requested_priority(first)
         prio = prioritise(study_p, pipeline.priority, req)
-        ood = _assess_ood(fusion, features)
+        ood = _assess_ood(fusion, x)
         if ood is not None and ood.out_of_distribution:
             prio = withhold_flag(prio, study_p, pipeline.priority)
 

@@ -12,16 +12,16 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch import nn
 
-from triaged.pipeline.builders import load_version
 from triaged.pipeline.ood import (
     DEFAULT_MAX_SHARE,
     DEFAULT_QUANTILE,
+    OodError,
     OodFit,
     fit,
-    global_features,
+    input_features,
     register_with_fit,
 )
 from triaged.pipeline.preprocess import Preprocessing
@@ -39,18 +39,19 @@ def _batches(samples: Sequence[Sample], prep: Preprocessing, size: int) -> Itera
 
 
 def fit_on_samples(
-    model: nn.Module,
     samples: Sequence[Sample],
     prep: Preprocessing,
     *,
     quantile: float = DEFAULT_QUANTILE,
     max_share: float = DEFAULT_MAX_SHARE,
-    batch_size: int = 16,
+    batch_size: int = 64,
     seed: int = 0,
 ) -> OodFit:
-    """The fit on the model's global features of ``samples`` (the training slices)."""
-    features = global_features(model, _batches(samples, prep, batch_size))
-    return fit(features, quantile=quantile, max_share=max_share, seed=seed)
+    """The fit on ``samples`` (the training slices) prepared as the model was fed them."""
+    parts = [input_features(b) for b in _batches(samples, prep, batch_size)]
+    if not parts:
+        raise OodError("no training slices to fit the OOD measure on")
+    return fit(np.concatenate(parts), quantile=quantile, max_share=max_share, seed=seed)
 
 
 def fit_existing(
@@ -76,9 +77,8 @@ def fit_existing(
         samples = gather_data(opts, Path(tmp)).cls["train"]
         if not samples:
             raise RegistryError("the data has no training slices to fit on")
-        model = load_version(mv)
         prep = Preprocessing.from_card(mv.card.preprocessing)
-        fitted = fit_on_samples(model, samples, prep, quantile=quantile, max_share=max_share)
+        fitted = fit_on_samples(samples, prep, quantile=quantile, max_share=max_share)
     new = register_with_fit(store, mv, fitted, data)
     log.info("registered %s: %s + OOD fit on %d slices (threshold %.3g)", new.ref, mv.ref,
              fitted.slices, fitted.threshold)

@@ -480,18 +480,18 @@ def _fusion_stages(run: _Run, fusion_stages: list[int],
                  run.cls_counts, metrics, {**fs.as_card(), "init": init_desc,
                                            "stages_run": fusion_stages},
                  prep, fs.seed)
-    card, files = _with_ood_fit(run, model, card, train, prep)
+    card, files = _with_ood_fit(run, card, train, prep)
     run.register("fusion", model, card, val, files)
 
 
-def _with_ood_fit(run: _Run, model: FusionNet, card: ModelCard, train: Sequence[Sample],
-                  prep: Preprocessing) -> tuple[ModelCard, dict[str, bytes] | None]:
+def _with_ood_fit(run: _Run, card: ModelCard, train: Sequence[Sample], prep: Preprocessing,
+                  ) -> tuple[ModelCard, dict[str, bytes] | None]:
     """The card and files of the fusion version plus its OOD fit on the training slices
     (``triaged.pipeline.ood``); without it when the fit cannot be made (too few slices)."""
     if not run.rt.is_main:
         return card, None
     try:
-        fitted = fit_on_samples(model, train, prep, seed=run.opts.seed)
+        fitted = fit_on_samples(train, prep, seed=run.opts.seed)
     except OodError as exc:
         log.warning("no OOD fit for the fusion model: %s", exc)
         run.messages.append(f"no OOD fit: {exc}")
