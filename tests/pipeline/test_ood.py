@@ -143,7 +143,8 @@ def test_unlike_study_is_scored_not_flagged_and_says_why(
     assert isinstance(unlike, StudyScore) and unlike.ood is not None
     n = len(unlike.slice_indices)
     assert unlike.ood.slices == n and unlike.ood.slices_beyond > n // 2
-    reason = f"out of distribution: {unlike.ood.slices_beyond} of {n} slices unlike the training data"
+    beyond = unlike.ood.slices_beyond
+    reason = f"out of distribution: {beyond} of {n} slices unlike the training data"
     assert unlike.ood_reason == reason
     assert 0.0 <= unlike.fusion_probability <= 1.0  # the score is kept
     assert not unlike.flag and unlike.priority == 7
