@@ -66,7 +66,7 @@ THUMB: Final = 8
 BINS: Final = 16
 DEFAULT_QUANTILE: Final = 0.99
 DEFAULT_MAX_SHARE: Final = 0.5
-MIN_SLICES: Final = 10
+MIN_SLICES: Final = 8
 
 
 class OodError(ValueError):
