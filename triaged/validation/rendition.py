@@ -46,10 +46,10 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from triaged.pipeline.preprocess import LUNG_WINDOW, read_grey, to_unit_range
 from triaged.synthetic.study import AXIAL_ORIENTATION
 from triaged.synthetic.writing import StudyInfo, ct_slice, uid_for, write_file
 from triaged.training.datasets import covid_ct
-from triaged.pipeline.preprocess import LUNG_WINDOW, read_grey, to_unit_range
 
 MARK = "RENDITION OF PUBLISHED FIGURE - NOT A SCANNER IMAGE"
 FIELD = 512
