@@ -219,6 +219,9 @@ def load_fit(mv: ModelVersion) -> OodFit | None:
     entry = mv.card.ood
     if entry is None:
         return None
+    if entry.feature != FEATURE:
+        raise OodError(f"{mv.ref}: OOD feature {entry.feature!r} is not known to this version "
+                       f"of triaged (it measures {FEATURE!r})")
     path = Path(mv.path) / entry.file
     if not path.is_file():
         raise OodError(f"{mv.ref}: {entry.file} named by the card is missing")

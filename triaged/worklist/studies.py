@@ -44,6 +44,7 @@ from triaged.worklist.models import (
     StudyState,
     utcnow,
 )
+from triaged.worklist.result_details import ResultDetails
 
 log = logging.getLogger("triaged.worklist")
 
@@ -440,8 +441,6 @@ class StudyRow:
 
 def _ood_reasons(session: Session, ids: list[int]) -> dict[int, str]:
     """Study id -> the out-of-distribution reason of its current (not superseded) result."""
-    from triaged.worklist.result_details import ResultDetails
-
     if not ids:
         return {}
     q = (
