@@ -342,6 +342,8 @@ def test_out_of_distribution_study_delivered_unflagged_with_its_reason(
     (row,) = d.wait_state("DELIVERED", timeout=180)
     assert row["flag"] is False and row["priority"] == 7
     assert row["ood_reason"].startswith("out of distribution: ")
+    listed = d.cli("worklist")  # the table's REASON column
+    assert listed.returncode == 0 and row["ood_reason"] in listed.stdout, listed
     (res,) = results(d.db_url)
     details = res["details"] if isinstance(res["details"], dict) else json.loads(res["details"])
     assert details["summary"]["ood"]["reason"] == row["ood_reason"]
