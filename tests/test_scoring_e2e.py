@@ -306,3 +306,52 @@ def test_two_workers_on_postgresql_one_killed_each_study_scored_once(
     finally:
         d.stop()
         next(gen, None)
+
+
+def test_out_of_distribution_study_delivered_unflagged_with_its_reason(
+    make_daemon, pacs_factory, tmp_path
+) -> None:
+    """The daemon path: fit-ood'd live model, a noise study sent by storescu, scored with the
+    reason, not flagged, the reason in the delivered SR (dciodvfy clean) and the worklist."""
+    import torch
+
+    from tests.pipeline.test_ood import FLAG_ALL, noisy_copy
+    from triaged.training.ood_fit import fit_existing
+
+    torch.set_num_threads(1)
+    train = tmp_path / "train"
+    rows = ["path,label,split"]
+    for seed in range(1, 5):
+        generate_study(train / f"s{seed}", seed=seed, positive=seed % 2 == 0, slices=24, size=64)
+        rows.append(f"s{seed}/axial/,{'covid' if seed % 2 == 0 else 'non-covid'},train")
+    (train / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    store = ModelStore(tmp_path / "models")
+    register_fusion(store, seed=0)
+    register_cbam(store)
+    fitted = fit_existing(store, "fusion:v1", [f"manifest:{train / 'manifest.csv'}"])
+    store.promote("fusion", fitted.version)
+    pipe = tmp_path / "pipeline.toml"
+    write_config(pipe, {**PIPELINE, "model_store": str(store.root), "priority": FLAG_ALL})
+    source = generate_study(tmp_path / "src", seed=31, positive=True, slices=16, size=64)
+    files = noisy_copy(source, tmp_path / "noise")
+
+    pacs = pacs_factory()
+    d = scoring_daemon(make_daemon, pipe, pacs.port).start()
+    out = storescu(d.port, *files)
+    assert out.returncode == 0, out.stderr
+    (row,) = d.wait_state("DELIVERED", timeout=180)
+    assert row["flag"] is False and row["priority"] == 7
+    assert row["ood_reason"].startswith("out of distribution: ")
+    listed = d.cli("worklist")  # the table's REASON column
+    assert listed.returncode == 0 and row["ood_reason"] in listed.stdout, listed
+    (res,) = results(d.db_url)
+    details = res["details"] if isinstance(res["details"], dict) else json.loads(res["details"])
+    assert details["summary"]["ood"]["reason"] == row["ood_reason"]
+    (sr,) = [f for f in pacs.files() if pydicom.dcmread(f).Modality == "SR"]
+    assert row["ood_reason"] in pydicom.dcmread(sr).to_json()
+    assert dciodvfy_errors(sr) == []
+    eng = sa.create_engine(d.db_url)
+    with eng.connect() as c:
+        scored = c.execute(sa.text("SELECT reason FROM study_events WHERE state = 'SCORED'")).all()
+    eng.dispose()
+    assert [r[0] for r in scored] == [row["ood_reason"]]

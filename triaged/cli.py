@@ -93,6 +93,8 @@ def cmd_worklist(args: argparse.Namespace) -> int:
         r["flag"] = "URGENT" if r["flag"] else ""
         r["received_at"] = r["received_at"][:19]
         r["completed_at"] = (r["completed_at"] or "")[:19]
+        if r["ood_reason"] and r["ood_reason"] != r["state_reason"]:
+            r["state_reason"] = "; ".join(x for x in (r["state_reason"], r["ood_reason"]) if x)
     print(
         _fmt_table(
             rows,
@@ -336,6 +338,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                     indent=1,
                 )
             )
+        elif args.action == "fit-ood":
+            _fit_ood(store, args)
         elif args.action == "promote":
             name, _, version = args.ref.partition(":")
             if not version:
@@ -346,6 +350,28 @@ def cmd_models(args: argparse.Namespace) -> int:
     except RegistryError as err:
         raise UserError(str(err)) from None
     return 0
+
+
+def _fit_ood(store: Any, args: argparse.Namespace) -> None:
+    """``triaged models fit-ood NAME:VERSION --data KIND:PATH``: a new version with the fit."""
+    from pydantic import ValidationError
+
+    from triaged.pipeline.ood import OodError
+    from triaged.training.ood_fit import fit_existing
+    from triaged.training.retrain import RetrainError
+
+    if not args.ref or not args.data:
+        raise UserError("fit-ood needs NAME[:VERSION] and at least one --data KIND:PATH")
+    try:
+        mv = fit_existing(store, args.ref, list(args.data), quantile=args.quantile,
+                          max_share=args.max_share)
+    except ValidationError as err:
+        raise UserError(f"--data: {err.errors()[0]['msg']}") from None
+    except (OodError, RetrainError) as err:
+        raise UserError(str(err)) from None
+    assert mv.card.ood is not None
+    print(f"registered {mv.ref} (OOD fit on {mv.card.ood.slices} slices, threshold "
+          f"{mv.card.ood.threshold:.3g}); promote it with: triaged models promote {mv.ref}")
 
 
 def _card_summary(metrics: dict[str, object]) -> str:
@@ -549,11 +575,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=cmd_render)
 
-    p = sub.add_parser("models", help="the model store: list, show, promote, rollback")
+    p = sub.add_parser("models", help="the model store: list, show, promote, rollback, fit-ood")
     _add_config(p)
     p.add_argument("--store", help="model store folder (default: [models] store)")
-    p.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    p.add_argument("action", choices=["list", "show", "promote", "rollback", "fit-ood"])
     p.add_argument("ref", nargs="?", default="", help="NAME[:VERSION]")
+    p.add_argument("--data", action="append", metavar="KIND:PATH",
+                   help="fit-ood: training data, as for retrain (repeatable)")
+    p.add_argument("--quantile", type=float, default=0.99,
+                   help="fit-ood: slice threshold = this quantile of training distances")
+    p.add_argument("--max-share", type=float, default=0.5,
+                   help="fit-ood: a study is out of distribution above this share of slices")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("retrain", help="train and register a new model version")

@@ -67,6 +67,8 @@ def sr_text(score: StudyScore) -> list[str]:
     lines.append(
         f"Evidence: {len(score.top_slice_indices)} key slices of series {score.series_instance_uid}"
     )
+    if score.ood_reason:
+        lines.append(f"Comment: {score.ood_reason}; not flagged on this score alone")
     lines.append("Completion COMPLETE, verification UNVERIFIED; NOT FOR DIAGNOSTIC USE")
     return lines
 
@@ -169,6 +171,7 @@ class PipelineProcessor:
             flag=outcome.flag,
             files=files,
             details=details,
+            reason=outcome.ood_reason,
         )
 
 

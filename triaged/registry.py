@@ -4,6 +4,7 @@ Layout on disk (``root`` is ``[models] store`` in config.toml)::
 
     <root>/<name>/<version>/weights.safetensors   the tensors, safetensors only (no pickle)
     <root>/<name>/<version>/card.json             what the weights are and how they were made
+    <root>/<name>/<version>/ood.safetensors       optional: the out-of-distribution fit
     <root>/<name>/live.json                       the live version, earlier live versions, a log
 
 Why it is shaped like this:
@@ -92,6 +93,23 @@ class CodeVersion(_Model):
     git_dirty: bool | None = None
 
 
+class OodCard(_Model):
+    """Where a version's out-of-distribution fit is (``triaged.pipeline.ood``) and its summary.
+
+    The arrays (mean, precision) live in ``file`` next to the weights, checked by ``sha256``.
+    """
+
+    file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    sha256: str = Field(min_length=64, max_length=64)
+    feature: str = Field(min_length=1)
+    dims: int = Field(ge=1)
+    slices: int = Field(ge=1, description="training slices the fit saw")
+    quantile: float = Field(gt=0.0, lt=1.0)
+    threshold: float = Field(gt=0.0)
+    max_share: float = Field(ge=0.0, lt=1.0)
+    data: list[str] = Field(default_factory=list)
+
+
 class ModelCard(_Model):
     """Everything about one model version except its tensors.
 
@@ -109,6 +127,8 @@ class ModelCard(_Model):
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
     notes: str = ""
     weights_sha256: str | None = None
+    # out-of-distribution fit (triaged.pipeline.ood); None: the version has none
+    ood: OodCard | None = None
 
 
 def code_version() -> CodeVersion:
@@ -251,11 +271,13 @@ class ModelStore:
         weights: Mapping[str, torch.Tensor] | Path | str,
         card: ModelCard,
         version: str | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> ModelVersion:
         """Store a new immutable version; ``version`` defaults to the next ``v<N>``.
 
         ``weights`` is a state dict or the path of an existing ``.safetensors`` file
-        (pickled checkpoints are refused: loading them can run code).
+        (pickled checkpoints are refused: loading them can run code). ``files``: further
+        files of the version by name (e.g. the out-of-distribution fit), written with it.
         """
         _check_name(name, "model name")
         if version is not None:
@@ -269,6 +291,12 @@ class ModelStore:
                 _copy_safetensors(Path(weights), weights_tmp)
             else:
                 _save_state_dict(weights, weights_tmp)
+            for fname, content in (files or {}).items():
+                _check_name(fname, "file name")
+                if fname in (WEIGHTS_FILE, CARD_FILE):
+                    raise RegistryError(f"{fname} is reserved")
+                (tmp / fname).write_bytes(content)
+                fsync_path(tmp / fname)
             card = card.model_copy(update={"weights_sha256": _sha256(weights_tmp)})
             (tmp / CARD_FILE).write_text(card.model_dump_json(indent=2), encoding="utf-8")
             fsync_path(tmp / CARD_FILE)
@@ -405,6 +433,11 @@ def _copy_safetensors(src: Path, dst: Path) -> None:
     fsync_path(dst)
 
 
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file of a version (public: the OOD fit checks its file with it)."""
+    return _sha256(path)
 
 
 def _sha256(path: Path) -> str:

@@ -65,6 +65,7 @@ class Scored:
     flag: bool
     files: list[ResultFile]
     details: ResultDetails
+    reason: str | None = None  # a caveat kept as the SCORED state's reason (out of distribution)
 
 
 class StudyProcessor(Protocol):
@@ -232,7 +233,7 @@ class Worker:
             study.flag = outcome.flag
             study.scored_at = now
             jobs.finish(s, job.id, JobState.DONE, None)
-            set_state(s, study, StudyState.SCORED, None, now)
+            set_state(s, study, StudyState.SCORED, outcome.reason, now)
             names = [d.name for d in self.settings.destinations]
             if names and outcome.files:
                 deliveries.queue(

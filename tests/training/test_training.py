@@ -62,6 +62,9 @@ def test_end_to_end_retrain_registers_and_promotes(tmp_path: Path) -> None:
     assert card.data.sources == ["synthetic:12"] and card.data.counts["val"] >= 1
     assert 0.0 <= card.metrics["val"]["auc"] <= 1.0 and len(card.metrics["val"]["auc_ci"]) == 2
     assert card.code.triaged
+    # The fusion version carries its out-of-distribution fit on the training slices.
+    assert card.ood is not None and card.ood.slices == card.data.counts["train"]
+    assert card.ood.data == ["synthetic:12"] and (live.path / card.ood.file).is_file()
     # Algorithm 1 ran round 0 plus two pseudo-label rounds of two slices each.
     rounds = sorted(p.name for p in (tmp_path / "run" / "infnet").glob("round_*"))
     assert rounds == ["round_00", "round_01", "round_02"]

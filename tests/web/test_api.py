@@ -632,3 +632,43 @@ def test_superseded_result_is_not_shown(web: Web, seed: Seed) -> None:
         s.execute(sa.update(Delivery).values(state="SUPERSEDED"))
     d = web.client("radiologist").get(f"/api/studies/{uid}").json()
     assert d["result"] is None and d["deliveries"] == []
+
+
+def test_out_of_distribution_reason_on_worklist_study_page_and_cli_list(web: Web,
+                                                                        seed: Seed) -> None:
+    """A study scored as out of distribution shows the marker and the reason everywhere a
+    radiologist looks; an ordinary one, and a row written before the field existed, do not."""
+    from triaged.worklist.result_details import OodSummary, ResultDetails, ScoreSummary
+    from triaged.worklist.studies import list_studies
+
+    reason = "out of distribution: 7 of 8 slices unlike the training data"
+    odd = seed(11, state="SCORED", scored={"fusion": 0.93, "priority": 50, "flag": False})
+    plain = seed(12, state="SCORED", scored={"fusion": 0.2, "priority": 0})
+    details = ResultDetails(summary=ScoreSummary(ood=OodSummary(
+        distance_share=0.875, slices_beyond=7, slices=8, threshold=6.1, max_share=0.5,
+        reason=reason)))
+    with Session(web.engine) as s, s.begin():
+        sid = s.scalars(sa.select(Study.id).where(Study.study_instance_uid == odd)).one()
+        s.execute(sa.update(Result).where(Result.study_id == sid)
+                  .values(details=details.to_json()))
+    c = web.client("radiologist")
+    items = {i["study_instance_uid"]: i for i in c.get("/api/studies").json()["studies"]}
+    assert items[odd]["ood_reason"] == reason and items[odd]["flag"] is False
+    assert items[plain]["ood_reason"] is None
+    detail = c.get(f"/api/studies/{odd}").json()
+    assert detail["study"]["ood_reason"] == reason
+    assert detail["result"]["ood"]["reason"] == reason
+    assert detail["result"]["ood"]["slices_beyond"] == 7
+    assert c.get(f"/api/studies/{plain}").json()["result"]["ood"] is None
+    page = c.get("/").text
+    row = page[page.index(f'data-uid="{odd}"'):]
+    row = row[:row.index("</tr>")]
+    assert '<span class="ood"' in row and reason in row
+    other = page[page.index(f'data-uid="{plain}"'):]
+    assert "out of distribution" not in other[:other.index("</tr>")]
+    study_page = c.get(f"/studies/{odd}").text
+    assert 'id="ood"' in study_page and reason in study_page
+    assert 'id="ood"' not in c.get(f"/studies/{plain}").text
+    with Session(web.engine) as s:
+        rows = {r.study_instance_uid: r for r in list_studies(s)}
+    assert rows[odd].ood_reason == reason and rows[plain].ood_reason is None

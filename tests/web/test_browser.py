@@ -260,3 +260,31 @@ def test_narrow_screen_keeps_columns_and_scroll(browser: Browser,
     assert page.evaluate("window.scrollY") >= 400
     page.close()
     assert errors == []
+
+
+def test_open_worklist_shows_out_of_distribution_when_scored(
+    browser: Browser, live: tuple[Web, WebServer]
+) -> None:
+    """The worklist's live update (worklist.js) adds the marker and reason to the row."""
+    from triaged.worklist.models import Result
+    from triaged.worklist.result_details import OodSummary, ResultDetails, ScoreSummary
+
+    web, server = live
+    uid = seed_study(web, 1, received_ago=100, state="SCORING")
+    page, errors = new_page(browser, 1600)
+    login(page, server.url, "rad", RAD_PASSWORD)
+    page.evaluate("window.__sameDocument = true")
+    reason = "out of distribution: 8 of 8 slices unlike the training data"
+    score(web, uid, fusion=0.95, flag=False, priority=50)
+    details = ResultDetails(summary=ScoreSummary(ood=OodSummary(slices_beyond=8, slices=8,
+                                                                reason=reason)))
+    with Session(web.engine) as s, s.begin():
+        s.execute(sa.update(Result).values(details=details.to_json()))
+        st = s.scalars(sa.select(Study).where(Study.study_instance_uid == uid)).one()
+        st.updated_at = utcnow()
+    row = page.locator(f'tr[data-uid="{uid}"]')
+    expect(row.locator("[data-col=state] .ood")).to_have_text("out of distribution")
+    expect(row.locator("[data-col=state]")).to_contain_text(reason)
+    expect(row.locator("[data-col=flag]")).not_to_contain_text("COVID-19")
+    assert page.evaluate("window.__sameDocument") is True  # updated in place, not reloaded
+    assert errors == []

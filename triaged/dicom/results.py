@@ -52,6 +52,7 @@ ABSENT = Code("272519000", "SCT", "Absent")
 LESION_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure
 LESION_TYPE = codes.SCT.Lesion
 LUNG = codes.SCT.Lung
+COMMENT = codes.DCM.Comment  # (121106, DCM, "Comment")
 #: DCM 121322 "Source image for image processing operation" (CID 7202).
 SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
 
@@ -95,6 +96,7 @@ class StudyFindings:
     model: ModelInfo
     cbam_model: ModelInfo | None
     evidence_indices: Sequence[int] = field(default_factory=tuple)
+    comment: str | None = None  # why the score should not be trusted (out of distribution)
 
     def __post_init__(self) -> None:
         """Refuse findings that cannot be written as valid DICOM."""
@@ -382,6 +384,15 @@ def build_report(
             hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in evidence
         ],
     )
+    if findings.comment:
+        # free-text caveat on the finding (e.g. "out of distribution: ..."), in the group
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=COMMENT,
+                value=findings.comment,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

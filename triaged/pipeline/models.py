@@ -26,6 +26,7 @@ from triaged.dicom.results import ModelInfo
 from triaged.nets.inference import prepare, resolve_device
 from triaged.pipeline.builders import load_version
 from triaged.pipeline.definition import ModelEntry, Pipeline
+from triaged.pipeline.ood import OodFit, load_fit
 from triaged.pipeline.preprocess import Preprocessing
 from triaged.registry import ModelNotFoundError, ModelStore, ModelVersion, name_ref
 
@@ -46,6 +47,7 @@ class LoadedModel:
     module: nn.Module
     preprocessing: Preprocessing
     device: torch.device
+    ood: OodFit | None = None  # the version's out-of-distribution fit, if its card has one
 
     @property
     def info(self) -> ModelInfo:
@@ -166,5 +168,6 @@ def load_models(
         module = load_version(found)
         prep = _check(entry, found, module, pipeline)
         module = prepare(module, dev, fast=entry.fast)
-        models[entry.role] = LoadedModel(entry, found, module, prep, dev)
+        ood = load_fit(found) if entry.role == "fusion" else None
+        models[entry.role] = LoadedModel(entry, found, module, prep, dev, ood)
     return LoadedModels(pipeline=pipeline, key=key, device=dev, models=models, missing=missing)

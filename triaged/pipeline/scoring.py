@@ -43,6 +43,7 @@ from triaged.pipeline import transforms as T
 from triaged.pipeline.aggregate import aggregate
 from triaged.pipeline.definition import Pipeline
 from triaged.pipeline.models import LoadedModel, LoadedModels
+from triaged.pipeline.ood import OodAssessment, assess, input_features, withhold_flag
 from triaged.pipeline.priority import prioritise, requested_priority
 from triaged.pipeline.selection import expand, series_rules
 
@@ -86,6 +87,12 @@ class StudyScore:
     outputs: tuple[str, ...]
     timings: dict[str, float]
     series_reason: str = ""
+    ood: OodAssessment | None = None  # only when the fusion version carries an OOD fit
+
+    @property
+    def ood_reason(self) -> str | None:
+        """Why the score should not be trusted, when the slices are unlike the training data."""
+        return self.ood.reason if self.ood is not None else None
 
     def to_findings(self) -> StudyFindings:
         """The input of ``triaged.dicom.results.build_results`` (masks only when SEG is on)."""
@@ -100,6 +107,7 @@ class StudyScore:
             model=self.model,
             cbam_model=self.cbam_model,
             evidence_indices=self.top_slice_indices,
+            comment=self.ood_reason,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +151,7 @@ class StudyScore:
             "infected_pixels": {str(i): int(m.sum()) for i, m in self.infected_masks.items()},
             "outputs": list(self.outputs),
             "timings": dict(self.timings),
+            "ood": None if self.ood is None else self.ood.to_dict(),
         }
 
 
@@ -192,6 +201,11 @@ def _top(probabilities: np.ndarray, k: int) -> np.ndarray:
     """Positions of the ``k`` highest values, ties to the lower position."""
     order = np.argsort(-probabilities, kind="stable")
     return order[: min(k, probabilities.size)]
+
+
+def _assess_ood(fusion: LoadedModel, x: torch.Tensor) -> OodAssessment | None:
+    """The study's OOD assessment (None without a fit in the card: scoring is as before)."""
+    return None if fusion.ood is None else assess(fusion.ood, input_features(x))
 
 
 def score_prepared(
@@ -245,6 +259,9 @@ def score_prepared(
         first = datasets[0]
         req = requested if requested is not None else requested_priority(first)
         prio = prioritise(study_p, pipeline.priority, req)
+        ood = _assess_ood(fusion, x)
+        if ood is not None and ood.out_of_distribution:
+            prio = withhold_flag(prio, study_p, pipeline.priority)
 
     with clock.stage("explain"):
         top_x = x[top].to(fusion.device)
@@ -288,6 +305,7 @@ def score_prepared(
         outputs=outputs,
         timings=dict(clock.timings),
         series_reason=str(getattr(data.get(T.SERIES), "reason", "")),
+        ood=ood,
     )
 
 

@@ -32,7 +32,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from triaged.pipeline import ood
 from triaged.pipeline.builders import load_version
+from triaged.pipeline.ood import OodError
 from triaged.pipeline.preprocess import Preprocessing
 from triaged.registry import (
     Architecture,
@@ -62,6 +64,7 @@ from triaged.training.loop import (
     setup_runtime,
     write_json,
 )
+from triaged.training.ood_fit import fit_on_samples
 from triaged.training.semi import SemiSettings, mean_dice, split_labelled, train_semi
 from triaged.training.staged import FusionSettings, build_fusion, collect, run_stage
 
@@ -348,12 +351,12 @@ class _Run:
         return {"train": len(self.data.cls["train"]), "val": len(self.data.cls["val"])}
 
     def register(self, name: str, model: nn.Module, card: ModelCard,
-                 val_set: Sequence[Sample]) -> None:
+                 val_set: Sequence[Sample], files: dict[str, bytes] | None = None) -> None:
         """Store the model (rank 0 only) and, when asked, promote it if it is better."""
         if not self.rt.is_main:
             return
         model.to("cpu")
-        mv = self.store.register(name, model.state_dict(), card)
+        mv = self.store.register(name, model.state_dict(), card, files=files)
         self.versions.append(mv)
         self.messages.append(f"registered {mv.ref} ({_brief(card.metrics)})")
         log.info("registered %s at %s", mv.ref, mv.path)
@@ -477,7 +480,24 @@ def _fusion_stages(run: _Run, fusion_stages: list[int],
                  run.cls_counts, metrics, {**fs.as_card(), "init": init_desc,
                                            "stages_run": fusion_stages},
                  prep, fs.seed)
-    run.register("fusion", model, card, val)
+    card, files = _with_ood_fit(run, card, train, prep)
+    run.register("fusion", model, card, val, files)
+
+
+def _with_ood_fit(run: _Run, card: ModelCard, train: Sequence[Sample], prep: Preprocessing,
+                  ) -> tuple[ModelCard, dict[str, bytes] | None]:
+    """The card and files of the fusion version plus its OOD fit on the training slices
+    (``triaged.pipeline.ood``); without it when the fit cannot be made (too few slices)."""
+    if not run.rt.is_main:
+        return card, None
+    try:
+        fitted = fit_on_samples(train, prep, seed=run.opts.seed)
+    except OodError as exc:
+        log.warning("no OOD fit for the fusion model: %s", exc)
+        run.messages.append(f"no OOD fit: {exc}")
+        return card, None
+    content = ood.to_bytes(fitted)
+    return ood.card_with_fit(card, fitted, content, run.data.sources), {ood.OOD_FILE: content}
 
 
 def _cnn_stage(run: _Run, variant: str) -> None:

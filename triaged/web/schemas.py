@@ -31,6 +31,9 @@ class StudyItem(_Out):
     priority: int
     requested_priority: str | None
     flag: bool
+    ood_reason: str | None = Field(
+        None, description="set when the slices are unlike the model's training data: the "
+        "score is shown but the study was not flagged on it alone")
     fusion_probability: float | None
     cbam_probability: float | None
     model_version: str | None = Field(description="the models that scored it, name:version")
@@ -64,6 +67,8 @@ class ResultOut(_Out):
     threshold: float
     flag: bool
     priority: int
+    ood: dict[str, Any] | None = Field(
+        None, description="out-of-distribution assessment (null: the model has no OOD fit)")
     models: dict[str, str]
     slice_probabilities: list[float]
     slice_indices: list[int] | None = Field(

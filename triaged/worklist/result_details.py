@@ -42,6 +42,18 @@ class SliceScore(_Schema):
     cbam: float | None = None
 
 
+class OodSummary(_Schema):
+    """The out-of-distribution assessment (``triaged.pipeline.ood``); ``reason`` is set only
+    when the study is out of distribution (then it was not flagged on its score alone)."""
+
+    distance_share: float = 0.0
+    slices_beyond: int = 0
+    slices: int = 0
+    threshold: float | None = None
+    max_share: float | None = None
+    reason: str | None = None
+
+
 class ScoreSummary(_Schema):
     """What scoring concluded about a study, without pixels (``StudyScore.to_dict``)."""
 
@@ -63,6 +75,11 @@ class ScoreSummary(_Schema):
     infected_pixels: dict[str, int] = Field(default_factory=dict)
     outputs: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    ood: OodSummary | None = None  # None: the model version has no OOD fit (or an older row)
+
+    @property
+    def ood_reason(self) -> str | None:
+        return self.ood.reason if self.ood is not None else None
 
 
 class ScoredStudy(ScoreSummary):

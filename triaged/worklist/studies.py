@@ -37,12 +37,14 @@ from triaged.worklist.models import (
     Instance,
     Job,
     JobState,
+    Result,
     Series,
     Study,
     StudyEvent,
     StudyState,
     utcnow,
 )
+from triaged.worklist.result_details import ResultDetails
 
 log = logging.getLogger("triaged.worklist")
 
@@ -434,6 +436,26 @@ class StudyRow:
     flag: bool
     received_at: str
     completed_at: str | None
+    ood_reason: str | None = None  # the current result's out-of-distribution reason
+
+
+def _ood_reasons(session: Session, ids: list[int]) -> dict[int, str]:
+    """Study id -> the out-of-distribution reason of its current (not superseded) result."""
+    if not ids:
+        return {}
+    q = (
+        select(Result.study_id, Result.details)
+        .where(Result.study_id.in_(ids), Result.superseded.is_(False))
+        .order_by(Result.id)
+    )
+    out: dict[int, str] = {}
+    for sid, details in session.execute(q):
+        reason = ResultDetails.load(details).summary.ood_reason
+        if reason:
+            out[sid] = reason
+        else:
+            out.pop(sid, None)
+    return out
 
 
 def reading_order(
@@ -468,6 +490,7 @@ def list_studies(session: Session, limit: int | None = None) -> list[StudyRow]:
         )
         counts = {sid: int(n) for sid, n in session.execute(n_inst)}
     rows = [(st, counts.get(st.id, 0)) for st in studies]
+    ood = _ood_reasons(session, ids)
     out: list[StudyRow] = []
     for study, n in rows:
         ss = series[study.id]
@@ -486,6 +509,7 @@ def list_studies(session: Session, limit: int | None = None) -> list[StudyRow]:
                 flag=study.flag,
                 received_at=study.first_received_at.isoformat(),
                 completed_at=study.completed_at.isoformat() if study.completed_at else None,
+                ood_reason=ood.get(study.id),
             )
         )
     return out

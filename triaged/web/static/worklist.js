@@ -52,7 +52,7 @@
     setCell(cells.fusion, pct(s.fusion_probability), () => [document.createTextNode(pct(s.fusion_probability))]);
     setCell(cells.cbam, pct(s.cbam_probability), () => [document.createTextNode(pct(s.cbam_probability))]);
     const d = s.deliveries;
-    setCell(cells.state, JSON.stringify([s.state, s.state_reason, d, s.feedback]), () => {
+    setCell(cells.state, JSON.stringify([s.state, s.state_reason, d, s.feedback, s.ood_reason]), () => {
       const out = [el("span", `state state-${s.state}`, s.state)];
       if (s.state_reason && (s.state === "FAILED" || s.state === "SKIPPED")) out.push(el("span", "reason", s.state_reason));
       if (d.dead) {
@@ -60,6 +60,10 @@
           `${d.dead} deliver${d.dead === 1 ? "y" : "ies"} failed${d.last_error ? ": " + d.last_error : ""}`));
       } else if (d.pending) {
         out.push(el("span", "reason", `${d.pending} delivery pending`));
+      }
+      if (s.ood_reason) {
+        out.push(el("span", "ood", "out of distribution"));
+        out.push(el("span", "reason", s.ood_reason));
       }
       if (s.feedback) out.push(el("span", `fb fb-${s.feedback}`, s.feedback === "confirm" ? "✓ confirmed" : "✗ refuted"));
       return out;
