@@ -31,6 +31,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from triaged.pipeline.hu import window_hu
+
 SUPPORTED_TRANSFER_SYNTAXES: dict[str, UID] = {
     "ExplicitVRLittleEndian": ExplicitVRLittleEndian,
     "ImplicitVRLittleEndian": ImplicitVRLittleEndian,
@@ -276,7 +278,7 @@ def sc_instance(
     ds.LossyImageCompression = "00"
     ds.ImageComments = "SYNTHETIC PHANTOM - NOT A PATIENT"
     ds.PixelSpacing = [_ds_string(pixel_spacing[0]), _ds_string(pixel_spacing[1])]
-    img = np.clip((hu.astype(np.float32) + 1350.0) / 1500.0 * 255.0, 0, 255).astype(np.uint8)
+    img = (window_hu(hu) * 255.0).astype(np.uint8)  # truncated, as the bytes always were
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = int(img.shape[0]), int(img.shape[1])
