@@ -357,8 +357,7 @@ def _fit_ood(store: Any, args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
     from triaged.pipeline.ood import OodError
-    from triaged.training.ood_fit import fit_existing
-    from triaged.training.retrain import RetrainError
+    from triaged.training.retrain import RetrainError, fit_existing
 
     if not args.ref or not args.data:
         raise UserError("fit-ood needs NAME[:VERSION] and at least one --data KIND:PATH")

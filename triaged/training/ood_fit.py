@@ -8,9 +8,7 @@ an existing version gets a new version with the same weights and the fit).
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,10 +20,8 @@ from triaged.pipeline.ood import (
     OodFit,
     fit,
     input_features,
-    register_with_fit,
 )
 from triaged.pipeline.preprocess import Preprocessing
-from triaged.registry import ModelStore, ModelVersion, RegistryError
 from triaged.training.datasets import Sample, SliceDataset
 
 log = logging.getLogger("triaged.training.ood")
@@ -52,34 +48,3 @@ def fit_on_samples(
     if not parts:
         raise OodError("no training slices to fit the OOD measure on")
     return fit(np.concatenate(parts), quantile=quantile, max_share=max_share, seed=seed)
-
-
-def fit_existing(
-    store: ModelStore,
-    ref: str,
-    data: list[str],
-    *,
-    quantile: float = DEFAULT_QUANTILE,
-    max_share: float = DEFAULT_MAX_SHARE,
-    slices_per_study: int = 16,
-) -> ModelVersion:
-    """Register a new version of ``ref`` with an OOD fit on the train split of ``data``
-    (``KIND:PATH`` specs as ``triaged retrain --data``). Not promoted: promote it after
-    checking, like any version."""
-    from triaged.training.retrain import RetrainOptions, gather_data
-
-    mv = store.resolve(ref)
-    if mv.card.architecture.name != "fusion":
-        raise RegistryError(f"{mv.ref} is a {mv.card.architecture.name!r} model; "
-                            "the OOD fit is for fusion models")
-    opts = RetrainOptions(data=data, store=store.root, slices_per_study=slices_per_study)
-    with tempfile.TemporaryDirectory(prefix="triaged-ood-") as tmp:
-        samples = gather_data(opts, Path(tmp)).cls["train"]
-        if not samples:
-            raise RegistryError("the data has no training slices to fit on")
-        prep = Preprocessing.from_card(mv.card.preprocessing)
-        fitted = fit_on_samples(samples, prep, quantile=quantile, max_share=max_share)
-    new = register_with_fit(store, mv, fitted, data)
-    log.info("registered %s: %s + OOD fit on %d slices (threshold %.3g)", new.ref, mv.ref,
-             fitted.slices, fitted.threshold)
-    return new

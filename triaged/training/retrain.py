@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -34,7 +35,7 @@ from torch import nn
 
 from triaged.pipeline import ood
 from triaged.pipeline.builders import load_version
-from triaged.pipeline.ood import OodError
+from triaged.pipeline.ood import OodError, register_with_fit
 from triaged.pipeline.preprocess import Preprocessing
 from triaged.registry import (
     Architecture,
@@ -64,7 +65,7 @@ from triaged.training.loop import (
     setup_runtime,
     write_json,
 )
-from triaged.training.ood_fit import fit_on_samples
+from triaged.training.ood_fit import DEFAULT_MAX_SHARE, DEFAULT_QUANTILE, fit_on_samples
 from triaged.training.semi import SemiSettings, mean_dice, split_labelled, train_semi
 from triaged.training.staged import FusionSettings, build_fusion, collect, run_stage
 
@@ -559,3 +560,32 @@ def load_options(path: Path, **overrides: Any) -> RetrainOptions:
 
 __all__ = ["RegistryError", "RetrainError", "RetrainOptions", "RetrainResult", "evaluate_model",
            "evaluate_version", "load_options", "read_options_file", "retrain"]
+
+
+def fit_existing(
+    store: ModelStore,
+    ref: str,
+    data: list[str],
+    *,
+    quantile: float = DEFAULT_QUANTILE,
+    max_share: float = DEFAULT_MAX_SHARE,
+    slices_per_study: int = 16,
+) -> ModelVersion:
+    """Register a new version of ``ref`` with an OOD fit on the train split of ``data``
+    (``KIND:PATH`` specs as ``triaged retrain --data``). Not promoted: promote it after
+    checking, like any version."""
+    mv = store.resolve(ref)
+    if mv.card.architecture.name != "fusion":
+        raise RegistryError(f"{mv.ref} is a {mv.card.architecture.name!r} model; "
+                            "the OOD fit is for fusion models")
+    opts = RetrainOptions(data=data, store=store.root, slices_per_study=slices_per_study)
+    with tempfile.TemporaryDirectory(prefix="triaged-ood-") as tmp:
+        samples = gather_data(opts, Path(tmp)).cls["train"]
+        if not samples:
+            raise RegistryError("the data has no training slices to fit on")
+        prep = Preprocessing.from_card(mv.card.preprocessing)
+        fitted = fit_on_samples(samples, prep, quantile=quantile, max_share=max_share)
+    new = register_with_fit(store, mv, fitted, data)
+    log.info("registered %s: %s + OOD fit on %d slices (threshold %.3g)", new.ref, mv.ref,
+             fitted.slices, fitted.threshold)
+    return new
