@@ -63,6 +63,11 @@ class ScoreSummary(_Schema):
     infected_pixels: dict[str, int] = Field(default_factory=dict)
     outputs: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    # study decision (issue 12): fusion_probability is calibrated when calibrated_on is set
+    raw_probability: float | None = None
+    operating_point: str | None = None
+    calibrated_on: int | None = None
+    aggregation: str = ""
 
 
 class ScoredStudy(ScoreSummary):
