@@ -105,6 +105,9 @@ class StudyScore:
             model=self.model,
             cbam_model=self.cbam_model,
             evidence_indices=self.top_slice_indices,
+            operating_point=self.operating_point,
+            calibrated_on=self.calibrated_on,
+            raw_probability=self.raw_probability if self.calibrated_on is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
