@@ -261,6 +261,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             f"{r.study_instance_uid}  fusion {r.fusion_probability:.3f}  "
             f"cbam {'-' if cbam is None else f'{cbam:.3f}'}  "
             f"priority {r.priority}{'  FLAG' if r.flag else ''}"
+            + (f"  calibrated on {r.calibrated_on}, operating point "
+               f"{r.operating_point or '-'}, raw {r.raw_probability:.3f}"
+               if r.calibrated_on is not None and r.raw_probability is not None else "")
         )
     return 0
 
@@ -350,6 +353,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                 for v in store.list(name):
                     mark = "*" if live is not None and live.version == v.version else " "
                     metrics = _card_summary(v.card.metrics)
+                    if v.card.study_decision is not None:
+                        n = v.card.study_decision.fitted_on.n_studies
+                        metrics = f"{metrics}  study decision fitted on {n} studies".strip()
                     print(f"{mark} {v.ref:<28} {v.card.created:%Y-%m-%d %H:%M}  {metrics}")
         elif args.action == "show":
             mv = store.resolve(args.ref)

@@ -94,6 +94,8 @@ def test_fit_promote_score_rollback(site: Path) -> None:
     assert decision is not None and v1.card.study_decision is None
     assert decision.fitted_on.n_studies == N and decision.fitted_on.model == "fusion:v1"
 
+    listed = _cli("models", "--config", str(site / "config.toml"), "list").stdout
+    assert "fusion:v2" in listed and "study decision fitted on 6 studies" in listed
     assert _cli("models", "--config", str(site / "config.toml"), "promote",
                 "fusion:v2").returncode == 0
     after = _score(site)
