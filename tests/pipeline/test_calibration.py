@@ -219,3 +219,15 @@ def test_scoring_uses_the_card_decision_and_skips_without_one(
     assert scored.fusion_probability == pytest.approx(1 / (1 + np.exp(1.0 - 2.0 * logit)))
     assert (scored.operating_point, scored.priority, scored.flag) == ("urgent", 100, True)
     assert scored.to_dict()["calibrated_on"] == 10
+
+
+def test_priority_never_falls_as_the_probability_rises() -> None:
+    """On well separated studies "review" (sensitivity >= 0.9, most specific) can come out
+    above "urgent" (specificity >= 0.9, most sensitive): a study above both is still urgent."""
+    section = PrioritySection.model_validate(LEVELS)
+    levels = resolve_levels(section, _decision(urgent=0.3, review=0.6))
+    assert not isinstance(levels, str)
+    for p, expected in ((0.2, 0), (0.4, 100), (0.7, 100)):
+        got = prioritise(p, section, None, levels)
+        assert got.priority == expected, p
+        assert got.operating_point == (None if expected == 0 else "urgent")

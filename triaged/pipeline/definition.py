@@ -144,8 +144,9 @@ def _default_requested() -> dict[RequestedPriority, int]:
 class PrioritySection(_Section):
     """Fusion probability (+ the order's requested priority) -> worklist priority and flag.
 
-    The first of ``levels`` (sorted by ``min_probability``, highest first) that the study
-    probability reaches gives the priority and flag; below all levels: ``default`` and no flag.
+    Of the ``levels`` whose threshold the study probability reaches (``min_probability``, or
+    the card's fitted ``operating_point``: see :class:`PriorityLevel`), the one with the
+    highest priority gives the priority and flag; below all levels: ``default`` and no flag.
     ``requested`` then *adds* a bonus for the requested procedure priority the PACS sent
     (0040,1003): a STAT order outranks every non-STAT study, and a likely-COVID STAT study still
     outranks a negative STAT study. The flag depends on the probability alone: it means "likely

@@ -102,9 +102,16 @@ def prioritise(
     levels: Sequence[Level] | None = None,
 ) -> Priority:
     """Apply the levels (resolved by :func:`resolve_levels`; default: the fixed ones), then
-    add the requested-priority bonus."""
+    add the requested-priority bonus.
+
+    Of the levels the probability reaches, the one with the highest priority wins, so the
+    priority never falls as the probability rises, even when fitted operating points come out
+    in another order than their priorities (e.g. "review" at sensitivity >= 0.9 above
+    "urgent" at specificity >= 0.9 on well separated studies).
+    """
     ordered = fixed_levels(section) if levels is None else levels
-    level = next((lv for lv in ordered if probability >= lv.threshold), None)
+    reached = [lv for lv in ordered if probability >= lv.threshold]
+    level = max(reached, key=lambda lv: (lv.priority, lv.threshold)) if reached else None
     base = level.priority if level is not None else section.default
     flag = level.flag if level is not None else False
     req = normalise_requested(requested)

@@ -65,6 +65,8 @@ def fit_results(results: list[StudyResult], processor: PipelineProcessor, source
                 ) -> tuple[ModelVersion, StudyDecision]:
     """The fusion version all studies were scored with, and the decision fitted for it."""
     scored = [r for r in results if r.state == "SCORED" and r.slice_probabilities]
+    if not scored:
+        raise FitError("no study was scored (see the reasons above); nothing to fit")
     refs = {r.models.get("fusion") for r in scored}
     if len(refs) != 1:
         raise FitError("the studies were scored by different fusion versions "
