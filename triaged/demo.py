@@ -118,7 +118,7 @@ def ensure_decision(workdir: Path, settings: Settings, size: DemoSize) -> str:
     code) and promote it, unless the live fusion model already carries one."""
     from triaged.processing import processor_for
     from triaged.registry import ModelStore
-    from triaged.validation.fit import fit
+    from triaged.validation.fit import FitError, fit
 
     live = ModelStore(settings.models.store).live("fusion")
     if live is not None and live.card.study_decision is not None:
@@ -135,7 +135,10 @@ def ensure_decision(workdir: Path, settings: Settings, size: DemoSize) -> str:
     processor = processor_for(settings)
     if processor is None:  # the demo's settings always name the repository's pipeline
         raise RuntimeError("the demo has no pipeline")
-    out = fit(settings, folder / "labels.csv", processor, promote=True, quiet=True)
+    try:
+        out = fit(settings, folder / "labels.csv", processor, promote=True, quiet=True)
+    except FitError as err:  # a model too weak to rank the studies: keep the fallbacks
+        return f"no study decision ({err}); scoring with the pipeline's fallback thresholds"
     d = out.decision
     points = ", ".join(f"{op.name} p >= {op.threshold:.2f}" for op in d.operating_points)
     return (f"{out.version.ref} promoted: {d.aggregation.describe()} + Platt calibration, "
