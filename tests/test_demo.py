@@ -47,5 +47,7 @@ def test_demo_puts_positive_studies_first_and_second_run_reuses_the_model(tmp_pa
     assert "SYNTHETIC" in text
     second, t_second = run_demo(work)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
-    assert "reusing fusion:v1" in second.stderr
+    # v1 is the trained model, v2 the same weights with the study decision fitted by the demo
+    assert "reusing fusion:v2" in second.stderr
+    assert "reusing the study decision of fusion:v2" in second.stderr
     assert t_second < t_first

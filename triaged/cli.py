@@ -263,6 +263,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             f"{r.study_instance_uid}  fusion {r.fusion_probability:.3f}  "
             f"cbam {'-' if cbam is None else f'{cbam:.3f}'}  "
             f"priority {r.priority}{'  FLAG' if r.flag else ''}"
+            + (f"  calibrated on {r.calibrated_on}, operating point "
+               f"{r.operating_point or '-'}, raw {r.raw_probability:.3f}"
+               if r.calibrated_on is not None and r.raw_probability is not None else "")
         )
     return 0
 
@@ -288,6 +291,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise UserError(f"no live model: {entry.name if entry else 'fusion'} has no "
                             f"{'live ' if entry is None or entry.version == 'live' else ''}"
                             f"version in the model store")
+        if args.fit:
+            return _validate_fit(args, settings, labels, processor)
         report = validate(settings, labels, processor, args.resamples, args.seed)
     except LabelsError as err:
         raise UserError(str(err)) from None
@@ -297,6 +302,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{c['scored']} of {c['studies']} studies scored ({c['skipped']} skipped, "
           f"{c['failed']} failed), {c['patients']} patients; AUC {auc_text}; "
           f"report {md_path}, data {json_path}")
+    return 0
+
+
+def _validate_fit(args: argparse.Namespace, settings: Settings, labels: Path,
+                  processor: Any) -> int:
+    """`validate --fit`: fit the study decision, register it as a new fusion version."""
+    from triaged.pipeline.calibration import DEFAULT_TARGETS
+    from triaged.validation.fit import FitError, fit, parse_target
+
+    try:
+        targets = ([parse_target(t) for t in args.operating_point] if args.operating_point
+                   else list(DEFAULT_TARGETS))
+        out = fit(settings, labels, processor, targets, promote=args.promote)
+    except FitError as err:
+        raise UserError(str(err)) from None
+    d = out.decision
+    f = d.fitted_on
+    print(f"fitted on {f.n_studies} studies ({f.n_patients} patients, {f.n_positive} positive) "
+          f"scored by {out.fitted_from}: aggregation {d.aggregation.describe()}, "
+          f"Platt a={d.calibration.a:.3g} b={d.calibration.b:.3g}, AUC {f.auc:.3f}")
+    for op in d.operating_points:
+        print(f"  operating point {op.name}: {op.target} >= {op.minimum:g} -> p >= "
+              f"{op.threshold:.3f} (sensitivity {op.val_sensitivity:.2f}, "
+              f"specificity {op.val_specificity:.2f} on these studies)")
+    print(f"registered {out.version.ref}{' (live)' if out.promoted else ''}")
     return 0
 
 
@@ -325,6 +355,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                 for v in store.list(name):
                     mark = "*" if live is not None and live.version == v.version else " "
                     metrics = _card_summary(v.card.metrics)
+                    if v.card.study_decision is not None:
+                        n = v.card.study_decision.fitted_on.n_studies
+                        metrics = f"{metrics}  study decision fitted on {n} studies".strip()
                     print(f"{mark} {v.ref:<28} {v.card.created:%Y-%m-%d %H:%M}  {metrics}")
         elif args.action == "show":
             mv = store.resolve(args.ref)
@@ -558,6 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report folder (default: ./validation)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--fit", action="store_true",
+                   help="fit aggregation, calibration and operating points on these studies "
+                        "and register them as a new version of the fusion model")
+    p.add_argument("--operating-point", action="append", metavar="NAME=METRIC:VALUE",
+                   help="with --fit: e.g. urgent=specificity:0.9 (repeatable; default "
+                        "urgent=specificity:0.9 and review=sensitivity:0.9)")
+    p.add_argument("--promote", action="store_true",
+                   help="with --fit: make the new version live")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(

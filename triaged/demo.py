@@ -47,9 +47,13 @@ class DemoSize:
     train_slices: int = 400
     input_size: int = 64
     epochs: int = 10
+    validation: int = 8  # synthetic validation studies the study decision is fitted on
 
 
-QUICK = DemoSize(studies=4, slices=24, size=96, train_slices=240, input_size=48, epochs=6)
+QUICK = DemoSize(studies=4, slices=24, size=96, train_slices=240, input_size=48, epochs=6,
+                 validation=6)
+#: Validation studies use other seeds than the shown studies (100 + i): never the same images.
+VALIDATION_SEED = 500
 
 
 def _step(n: int, total: int, msg: str) -> None:
@@ -107,6 +111,53 @@ def ensure_model(store_dir: Path, run_dir: Path, size: DemoSize) -> str:
     )
     result = retrain(opts)
     return "; ".join(result.messages[-3:]) or f"trained in {result.run_dir}"
+
+
+def ensure_decision(workdir: Path, settings: Settings, size: DemoSize) -> str:
+    """Fit the study decision on separate synthetic validation studies (``validate --fit``'s
+    code) and promote it, unless the live fusion model already carries one."""
+    from triaged.processing import processor_for
+    from triaged.registry import ModelStore
+    from triaged.validation.fit import FitError, fit
+
+    live = ModelStore(settings.models.store).live("fusion")
+    if live is not None and live.card.study_decision is not None:
+        n = live.card.study_decision.fitted_on.n_studies
+        return f"reusing the study decision of {live.ref} (fitted on {n} validation studies)"
+    folder = workdir / "validation"
+    shutil.rmtree(folder, ignore_errors=True)
+    lines = ["study,label,patient"]
+    for i in range(size.validation):
+        study = generate_study(folder / f"val{i:02d}", seed=VALIDATION_SEED + i,
+                               positive=i % 2 == 1, slices=size.slices, size=size.size)
+        lines.append(f"val{i:02d},{int(study.positive)},{study.patient_id}")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    processor = processor_for(settings)
+    if processor is None:  # the demo's settings always name the repository's pipeline
+        raise RuntimeError("the demo has no pipeline")
+    try:
+        out = fit(settings, folder / "labels.csv", processor, promote=True, quiet=True)
+    except FitError as err:  # a model too weak to rank the studies: keep the fallbacks
+        return f"no study decision ({err}); scoring with the pipeline's fallback thresholds"
+    d = out.decision
+    points = ", ".join(f"{op.name} p >= {op.threshold:.2f}" for op in d.operating_points)
+    return (f"{out.version.ref} promoted: {d.aggregation.describe()} + Platt calibration, "
+            f"{points} (fitted on {d.fitted_on.n_studies} synthetic validation studies)")
+
+
+def _probabilities(service: Service) -> dict[str, float]:
+    """The current (calibrated) fusion probability of every scored study."""
+    from sqlalchemy import select
+
+    from triaged.worklist.models import Result, Study
+
+    with Session(service.engine) as db:
+        rows = db.execute(
+            select(Study.study_instance_uid, Result.fusion_probability)
+            .join(Result, Result.study_id == Study.id)
+            .where(Result.superseded.is_(False))
+        ).all()
+    return {uid: float(p) for uid, p in rows if p is not None}
 
 
 # -- a local PACS that receives the results ------------------------------------------------------
@@ -191,14 +242,17 @@ def _settings(workdir: Path, dicom_port: int, web_port: int, pacs_port: int) -> 
     )
 
 
-def _print_worklist(rows: list[StudyRow], truth: dict[str, bool]) -> None:
-    print(f"\n  {'FLAG':<6}{'PRIO':>5}  {'STATE':<10}{'PATIENT':<15}{'TRUTH':<10}STUDY", flush=True)
+def _print_worklist(rows: list[StudyRow], truth: dict[str, bool],
+                    probability: dict[str, float]) -> None:
+    print(f"\n  {'FLAG':<6}{'PRIO':>5}  {'STATE':<10}{'PATIENT':<15}{'TRUTH':<10}{'P':<7}STUDY",
+          flush=True)
     for r in rows:
         flag = "URGENT" if r.flag else ""
         t = "lesions" if truth.get(r.study_instance_uid) else "clear"
+        p = probability.get(r.study_instance_uid)
         print(
             f"  {flag:<6}{r.priority:>5}  {r.state:<10}{r.patient_id or '':<15}{t:<10}"
-            f"{r.study_instance_uid}"
+            f"{'-' if p is None else f'{p:.3f}':<7}{r.study_instance_uid}"
         )
     print(flush=True)
 
@@ -210,7 +264,7 @@ def run_demo(
     fresh: bool = False,
 ) -> int:
     """Run the demo; returns 0 when every study ended scored and positives lead the list."""
-    total = 6
+    total = 7
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -258,6 +312,19 @@ def run_demo(
     _step(
         3,
         total,
+        f"fitting the study decision on {size.validation} separate synthetic validation "
+        "studies (triaged validate --fit): aggregation, calibration, operating points",
+    )
+    t0 = time.monotonic()
+    print(
+        f"           {ensure_decision(workdir, settings, size)} "
+        f"({time.monotonic() - t0:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    _step(
+        4,
+        total,
         f"starting a local PACS for the results (DEMO_PACS on {pacs_port}) and the "
         f"daemon (AE {settings.dicom.ae_title} on {dicom_port}, SQLite)",
     )
@@ -269,7 +336,7 @@ def run_demo(
 
     add_user(service.engine, DEMO_USER, "admin", password)
     try:
-        _step(4, total, "pushing the studies over DICOM C-STORE, as a PACS would")
+        _step(5, total, "pushing the studies over DICOM C-STORE, as a PACS would")
         for s in studies:
             n = push(s, dicom_port, settings.dicom.ae_title)
             print(
@@ -277,7 +344,7 @@ def run_demo(
                 file=sys.stderr,
                 flush=True,
             )
-        _step(5, total, "waiting for completion, scoring and delivery of the results")
+        _step(6, total, "waiting for completion, scoring and delivery of the results")
         deadline = time.monotonic() + 600
         rows: list[StudyRow] = []
         while time.monotonic() < deadline:
@@ -286,10 +353,15 @@ def run_demo(
             if len(rows) == len(studies) and all(r.state in TERMINAL for r in rows):
                 break
             time.sleep(0.5)
-        _step(6, total, "the worklist, in reading order (urgent first):")
-        _print_worklist(rows, truth)
+        _step(7, total, "the worklist, in reading order (urgent first):")
+        probability = _probabilities(service)
+        _print_worklist(rows, truth, probability)
         positives = sum(truth.values())
         top = [truth.get(r.study_instance_uid, False) for r in rows[:positives]]
+        clear_flagged = sum(r.flag for r in rows if not truth.get(r.study_instance_uid))
+        lesion_p = [probability.get(u, 0.0) for u, t in truth.items() if t]
+        clear_p = [probability.get(u, 1.0) for u, t in truth.items() if not t]
+        separated = bool(lesion_p and clear_p and min(lesion_p) > max(clear_p))
         results = sorted(p.name for p in (workdir / "pacs").rglob("*.dcm"))
         print(
             f"  result objects received by the local PACS: {len(results)} in {workdir / 'pacs'}",
@@ -304,6 +376,11 @@ def run_demo(
         print(
             f"  {'OK' if ok else 'NOT OK'}: {sum(top)}/{positives} studies with lesions lead "
             "the worklist",
+            flush=True,
+        )
+        print(
+            f"  clear studies flagged: {clear_flagged}/{len(truth) - positives}; every lesion "
+            f"study above every clear study: {'yes' if separated else 'no'}",
             flush=True,
         )
         if keep_running is None:

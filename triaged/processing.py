@@ -60,6 +60,12 @@ def sr_text(score: StudyScore) -> list[str]:
             f"CBAM baseline probability: {score.cbam_probability:.3f} "
             f"({score.cbam_model.name} {score.cbam_model.version})"
         )
+    if score.calibrated_on is not None:
+        lines.append(
+            f"Calibrated on {score.calibrated_on} validation studies "
+            f"(uncalibrated {score.aggregation}: {score.raw_probability:.3f}); operating point "
+            f"{score.operating_point or 'none reached'}"
+        )
     lines.append(
         f"Evaluation: {'present' if score.positive else 'absent'} "
         f"at threshold {score.threshold:.2f}"

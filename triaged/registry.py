@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 
 import triaged
 from triaged.atomic import fsync_path, write_atomic
+from triaged.pipeline.calibration import StudyDecision
 
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
@@ -114,7 +115,9 @@ class ModelCard(_Model):
     """Everything about one model version except its tensors.
 
     ``metrics`` are on the validation split named in ``data`` unless a key says otherwise;
-    ``weights_sha256`` is filled in by the store and checked on load.
+    ``weights_sha256`` is filled in by the store and checked on load. ``study_decision``
+    (aggregation, calibration and operating points fitted on validation studies by
+    ``triaged validate --fit``) is optional: cards written before it existed load without it.
     """
 
     architecture: Architecture
@@ -129,6 +132,8 @@ class ModelCard(_Model):
     weights_sha256: str | None = None
     # out-of-distribution fit (triaged.pipeline.ood); None: the version has none
     ood: OodCard | None = None
+    # -- study decision (issue 12) --
+    study_decision: StudyDecision | None = None
 
 
 def code_version() -> CodeVersion:

@@ -178,7 +178,8 @@ def seed_study(
     """One study with series, instance files, events, and (``scored``) a result.
 
     ``scored`` keys: fusion, cbam, flag, priority, slices, key, images (bool), sr, threshold,
-    slice_indices (series position of each of ``slices``; ``key`` is a series position).
+    slice_indices (series position of each of ``slices``; ``key`` is a series position),
+    decision (ScoreSummary fields of a calibrated study: raw_probability, operating_point...).
     ``deliveries``: (destination, kind, state, last_error).
     """
     uid = study_uid(n)
@@ -229,7 +230,8 @@ def _add_result(web: Web, s: Session, st: Study, series_uid: str, scored: Mappin
     details = ResultDetails(
         sr_text=scored.get("sr", ["Finding: COVID-19 (SNOMED CT 840539006)",
                                   f"Probability {scored.get('fusion', 0.5):.2f}"]),
-        summary=ScoreSummary(threshold=scored.get("threshold", 0.5)),
+        summary=ScoreSummary(threshold=scored.get("threshold", 0.5),
+                             **scored.get("decision", {})),
         slice_indices=scored.get("slice_indices"),
     )
     if scored.get("images", True):

@@ -193,6 +193,19 @@ def test_study_page(web: Web, seed: Seed) -> None:
     assert r.status_code == 404 and "No such study" in r.text
 
 
+def test_study_page_shows_the_calibration_and_the_operating_point(web: Web, seed: Seed) -> None:
+    uid = seed(8, scored={"fusion": 0.62, "flag": True, "priority": 100, "decision": {
+        "raw_probability": 0.991, "operating_point": "urgent", "calibrated_on": 40}})
+    c = web.client("radiologist")
+    html = c.get(f"/studies/{uid}").text
+    assert "calibrated on 40 validation studies" in html and "<strong>urgent</strong>" in html
+    res = c.get(f"/api/studies/{uid}").json()["result"]
+    assert (res["operating_point"], res["calibrated_on"]) == ("urgent", 40)
+    assert res["raw_probability"] == pytest.approx(0.991)
+    plain = seed(9, scored={"fusion": 0.62})  # an uncalibrated (older) result: no line
+    assert 'id="decision"' not in c.get(f"/studies/{plain}").text
+
+
 def _plot(html: str) -> ET.Element:
     start = html.index('<svg class="slice-plot"')
     return ET.fromstring(html[start:html.index("</svg>", start) + len("</svg>")])

@@ -97,6 +97,10 @@ class StudyFindings:
     cbam_model: ModelInfo | None
     evidence_indices: Sequence[int] = field(default_factory=tuple)
     comment: str | None = None  # why the score should not be trusted (out of distribution)
+    # study decision (issue 12): set when the probability is calibrated on validation studies
+    operating_point: str | None = None  # the fitted operating point that fired
+    calibrated_on: int | None = None  # number of validation studies
+    raw_probability: float | None = None  # the aggregate before calibration
 
     def __post_init__(self) -> None:
         """Refuse findings that cannot be written as valid DICOM."""
@@ -294,7 +298,14 @@ def _header(ds: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def _algorithm_parameters(findings: StudyFindings) -> dict[str, str]:
-    return {"threshold": f"{findings.threshold:.4g}"}
+    """TID 4019 parameters: the SR threshold and, when calibrated, what decided the priority."""
+    params = {"threshold": f"{findings.threshold:.4g}"}
+    if findings.calibrated_on is not None:
+        params["operating_point"] = findings.operating_point or "none reached"
+        params["calibration"] = f"calibrated on {findings.calibrated_on} validation studies"
+        if findings.raw_probability is not None:
+            params["raw_probability"] = f"{findings.raw_probability:.4g}"
+    return params
 
 
 def _new_object(

@@ -17,7 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from triaged.config import describe_validation_error, read_toml
 from triaged.pipeline.hu import LUNG_WINDOW
@@ -99,11 +106,28 @@ class AggregateSection(_Section):
 
 
 class PriorityLevel(_Section):
-    """Studies whose fusion probability is at least ``min_probability`` get ``priority``."""
+    """One priority level: studies at or above its threshold get ``priority`` (and ``flag``).
 
-    min_probability: float = Field(ge=0.0, le=1.0)
+    The threshold is either ``operating_point``, the name of an operating point fitted on
+    validation studies and stored in the live fusion model's card (``triaged validate
+    --fit``), or ``min_probability``, a fixed study probability. Given both,
+    ``min_probability`` is the fallback used while the live model's card has no fitted study
+    decision; an ``operating_point`` without a fallback makes scoring SKIP such studies with a
+    reason, rather than guess a threshold.
+    """
+
+    operating_point: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+    )
+    min_probability: float | None = Field(default=None, ge=0.0, le=1.0)
     priority: int
     flag: bool = False
+
+    @model_validator(mode="after")
+    def _threshold_given(self) -> PriorityLevel:
+        if self.operating_point is None and self.min_probability is None:
+            raise ValueError("a priority level needs operating_point or min_probability")
+        return self
 
 
 def _default_levels() -> list[PriorityLevel]:
@@ -120,8 +144,9 @@ def _default_requested() -> dict[RequestedPriority, int]:
 class PrioritySection(_Section):
     """Fusion probability (+ the order's requested priority) -> worklist priority and flag.
 
-    The first of ``levels`` (sorted by ``min_probability``, highest first) that the study
-    probability reaches gives the priority and flag; below all levels: ``default`` and no flag.
+    Of the ``levels`` whose threshold the study probability reaches (``min_probability``, or
+    the card's fitted ``operating_point``: see :class:`PriorityLevel`), the one with the
+    highest priority gives the priority and flag; below all levels: ``default`` and no flag.
     ``requested`` then *adds* a bonus for the requested procedure priority the PACS sent
     (0040,1003): a STAT order outranks every non-STAT study, and a likely-COVID STAT study still
     outranks a negative STAT study. The flag depends on the probability alone: it means "likely
@@ -137,13 +162,19 @@ class PrioritySection(_Section):
     @field_validator("levels")
     @classmethod
     def _distinct_levels(cls, v: list[PriorityLevel]) -> list[PriorityLevel]:
-        cuts = [lv.min_probability for lv in v]
+        cuts = [lv.min_probability for lv in v if lv.min_probability is not None]
         if len(set(cuts)) != len(cuts):
             raise ValueError("two priority levels share one min_probability")
+        names = [lv.operating_point for lv in v if lv.operating_point is not None]
+        if len(set(names)) != len(names):
+            raise ValueError("two priority levels name one operating_point")
         return v
 
     def ordered_levels(self) -> list[PriorityLevel]:
-        return sorted(self.levels, key=lambda lv: lv.min_probability, reverse=True)
+        """Fixed-threshold levels, highest first (levels with only an operating point, whose
+        threshold is in the model card, are resolved by ``priority.resolve_levels``)."""
+        fixed = [lv for lv in self.levels if lv.min_probability is not None]
+        return sorted(fixed, key=lambda lv: lv.min_probability or 0.0, reverse=True)
 
 
 class OutputsSection(_Section):

@@ -38,6 +38,7 @@ field. A version without that field is scored exactly as before.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +51,7 @@ from safetensors.numpy import load, save
 from sklearn.covariance import LedoitWolf
 
 from triaged.pipeline.definition import PrioritySection
-from triaged.pipeline.priority import Priority, normalise_requested
+from triaged.pipeline.priority import Level, Priority, fixed_levels, normalise_requested
 from triaged.registry import (
     ModelCard,
     ModelStore,
@@ -182,22 +183,31 @@ def input_features(images: torch.Tensor) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- priority
-def withhold_flag(prio: Priority, probability: float, section: PrioritySection) -> Priority:
+def withhold_flag(
+    prio: Priority,
+    probability: float,
+    section: PrioritySection,
+    levels: Sequence[Level] | None = None,
+) -> Priority:
     """An out-of-distribution study is not flagged on its score alone.
 
-    Its priority is worked out as if the flagging levels did not exist: the first level
-    *without* ``flag`` that the probability reaches (else ``default``), plus the requested
-    priority's bonus as usual (a STAT order still comes first: that is not the score). With
-    the default levels a 0.9 study gets 50 instead of 100 and no flag. ``positive`` (the SR's
-    Present/Absent) is kept: the score is reported, with the reason beside it.
+    Its priority is worked out as if the flagging levels did not exist: the highest-priority
+    level *without* ``flag`` that the probability reaches (``levels`` as resolved by
+    :func:`triaged.pipeline.priority.resolve_levels`, default the fixed ones; else
+    ``default``), plus the requested priority's bonus as usual (a STAT order still comes
+    first: that is not the score). With the default levels a 0.9 study gets 50 instead of
+    100 and no flag. ``positive`` (the SR's Present/Absent) is kept: the score is reported,
+    with the reason beside it.
     """
-    level = next((lv for lv in section.ordered_levels()
-                  if not lv.flag and probability >= lv.min_probability), None)
+    unflagged = [lv for lv in (fixed_levels(section) if levels is None else levels)
+                 if not lv.flag and probability >= lv.threshold]
+    level = max(unflagged, key=lambda lv: (lv.priority, lv.threshold), default=None)
     base = level.priority if level is not None else section.default
     req = normalise_requested(prio.requested)
     bonus = section.requested.get(req, 0) if req is not None else 0  # type: ignore[call-overload]
     return Priority(priority=min(prio.priority, base + bonus), flag=False,
-                    positive=prio.positive, requested=prio.requested)
+                    positive=prio.positive, requested=prio.requested,
+                    operating_point=level.operating_point if level is not None else None)
 
 
 # ---------------------------------------------------------------------------- storage

@@ -6,10 +6,12 @@ tests agree on one rule (documented on :class:`~triaged.pipeline.definition.Prio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pydicom
 
+from triaged.pipeline.calibration import StudyDecision
 from triaged.pipeline.definition import REQUESTED_PRIORITIES, PrioritySection
 
 
@@ -21,6 +23,51 @@ class Priority:
     flag: bool
     positive: bool
     requested: str | None
+    operating_point: str | None = None  # the fitted operating point that fired, if any
+
+
+@dataclass(frozen=True)
+class Level:
+    """A priority level with its threshold resolved (from the card or ``min_probability``)."""
+
+    threshold: float
+    priority: int
+    flag: bool
+    operating_point: str | None = None
+
+
+def resolve_levels(section: PrioritySection, decision: StudyDecision | None) -> list[Level] | str:
+    """The levels' thresholds, highest first, or why they cannot be resolved.
+
+    A level naming an ``operating_point`` takes its threshold from ``decision`` (the live
+    fusion model's fitted study decision). Without a decision it falls back to its
+    ``min_probability``; with no fallback the answer is a reason to skip the study. A decision
+    that lacks the named point is a mismatch between pipeline and card: also a reason, never a
+    silent fallback.
+    """
+    out: list[Level] = []
+    for lv in section.levels:
+        name = lv.operating_point
+        if name is not None and decision is not None:
+            op = decision.point(name)
+            if op is None:
+                have = ", ".join(o.name for o in decision.operating_points) or "none"
+                return (f"operating point {name!r} of priority level {lv.priority} is not in "
+                        f"the fusion model's study decision (it has: {have})")
+            out.append(Level(op.threshold, lv.priority, lv.flag, name))
+        elif lv.min_probability is not None:
+            out.append(Level(lv.min_probability, lv.priority, lv.flag))
+        else:
+            return (f"priority level {lv.priority} uses operating point {name!r}, but the fusion "
+                    "model's card has no fitted study decision (run `triaged validate --fit`) "
+                    "and the level gives no min_probability fallback")
+    return sorted(out, key=lambda lv: (lv.threshold, lv.priority), reverse=True)
+
+
+def fixed_levels(section: PrioritySection) -> list[Level]:
+    """The levels with a ``min_probability``, highest first (no card needed)."""
+    return [Level(lv.min_probability, lv.priority, lv.flag)
+            for lv in section.ordered_levels() if lv.min_probability is not None]
 
 
 def normalise_requested(value: object) -> str | None:
@@ -48,11 +95,23 @@ def requested_priority(ds: pydicom.Dataset) -> str | None:
     return normalise_requested(value)
 
 
-def prioritise(probability: float, section: PrioritySection, requested: str | None) -> Priority:
-    """Apply the pipeline's levels, then add the requested-priority bonus."""
-    level = next(
-        (lv for lv in section.ordered_levels() if probability >= lv.min_probability), None
-    )
+def prioritise(
+    probability: float,
+    section: PrioritySection,
+    requested: str | None,
+    levels: Sequence[Level] | None = None,
+) -> Priority:
+    """Apply the levels (resolved by :func:`resolve_levels`; default: the fixed ones), then
+    add the requested-priority bonus.
+
+    Of the levels the probability reaches, the one with the highest priority wins, so the
+    priority never falls as the probability rises, even when fitted operating points come out
+    in another order than their priorities (e.g. "review" at sensitivity >= 0.9 above
+    "urgent" at specificity >= 0.9 on well separated studies).
+    """
+    ordered = fixed_levels(section) if levels is None else levels
+    reached = [lv for lv in ordered if probability >= lv.threshold]
+    level = max(reached, key=lambda lv: (lv.priority, lv.threshold)) if reached else None
     base = level.priority if level is not None else section.default
     flag = level.flag if level is not None else False
     req = normalise_requested(requested)
@@ -62,4 +121,5 @@ def prioritise(probability: float, section: PrioritySection, requested: str | No
         flag=flag,
         positive=probability >= section.sr_threshold,
         requested=req,
+        operating_point=level.operating_point if level is not None else None,
     )

@@ -44,7 +44,7 @@ from triaged.pipeline.aggregate import aggregate
 from triaged.pipeline.definition import Pipeline
 from triaged.pipeline.models import LoadedModel, LoadedModels
 from triaged.pipeline.ood import OodAssessment, assess, input_features, withhold_flag
-from triaged.pipeline.priority import prioritise, requested_priority
+from triaged.pipeline.priority import prioritise, requested_priority, resolve_levels
 from triaged.pipeline.selection import expand, series_rules
 
 
@@ -93,6 +93,11 @@ class StudyScore:
     def ood_reason(self) -> str | None:
         """Why the score should not be trusted, when the slices are unlike the training data."""
         return self.ood.reason if self.ood is not None else None
+    # -- study decision (issue 12): set when the fusion card carries a fitted decision --
+    raw_probability: float | None = None  # the aggregate before calibration
+    operating_point: str | None = None  # the fitted operating point that fired, if any
+    calibrated_on: int | None = None  # validation studies the calibration was fitted on
+    aggregation: str = ""
 
     def to_findings(self) -> StudyFindings:
         """The input of ``triaged.dicom.results.build_results`` (masks only when SEG is on)."""
@@ -108,6 +113,9 @@ class StudyScore:
             cbam_model=self.cbam_model,
             evidence_indices=self.top_slice_indices,
             comment=self.ood_reason,
+            operating_point=self.operating_point,
+            calibrated_on=self.calibrated_on,
+            raw_probability=self.raw_probability if self.calibrated_on is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,6 +160,15 @@ class StudyScore:
             "outputs": list(self.outputs),
             "timings": dict(self.timings),
             "ood": None if self.ood is None else self.ood.to_dict(),
+            **self._decision_dict(),
+        }
+
+    def _decision_dict(self) -> dict[str, Any]:
+        return {
+            "raw_probability": self.raw_probability,
+            "operating_point": self.operating_point,
+            "calibrated_on": self.calibrated_on,
+            "aggregation": self.aggregation,
         }
 
 
@@ -224,6 +241,10 @@ def score_prepared(
     fusion = _require_models(models)
     if isinstance(fusion, Skip):
         return fusion
+    decision = fusion.version.card.study_decision
+    levels = resolve_levels(pipeline.priority, decision)
+    if isinstance(levels, str):
+        return Skip(f"no study decision: {levels}")
     datasets: list[pydicom.Dataset] = list(data[T.DATASETS])
     indices = np.asarray(data[T.INDICES], dtype=np.int64)
     geometry: T.SliceGeometry = data[T.GEOMETRY]
@@ -253,15 +274,18 @@ def score_prepared(
             ).numpy().astype(np.float64)
 
     with clock.stage("aggregate"):
-        study_p = aggregate(p_fusion, pipeline.aggregate)
+        raw_p = aggregate(p_fusion, pipeline.aggregate)
+        study_p = raw_p
+        if decision is not None:  # fitted on validation studies, stored with the model
+            study_p, raw_p = decision.probability(p_fusion)
         cbam_p = aggregate(p_cbam, pipeline.aggregate) if p_cbam is not None else None
         top = _top(p_fusion, pipeline.outputs.top_slices)
         first = datasets[0]
         req = requested if requested is not None else requested_priority(first)
-        prio = prioritise(study_p, pipeline.priority, req)
+        prio = prioritise(study_p, pipeline.priority, req, levels)
         ood = _assess_ood(fusion, x)
         if ood is not None and ood.out_of_distribution:
-            prio = withhold_flag(prio, study_p, pipeline.priority)
+            prio = withhold_flag(prio, study_p, pipeline.priority, levels)
 
     with clock.stage("explain"):
         top_x = x[top].to(fusion.device)
@@ -306,7 +330,17 @@ def score_prepared(
         timings=dict(clock.timings),
         series_reason=str(getattr(data.get(T.SERIES), "reason", "")),
         ood=ood,
+        raw_probability=raw_p,
+        operating_point=prio.operating_point,
+        calibrated_on=None if decision is None else decision.fitted_on.n_studies,
+        aggregation=(decision.aggregation.describe() if decision is not None
+                     else _describe(pipeline)),
     )
+
+
+def _describe(pipeline: Pipeline) -> str:
+    agg = pipeline.aggregate
+    return f"mean of top {agg.k}" if agg.method == "mean_top_k" else agg.method
 
 
 def score_study(

@@ -34,6 +34,7 @@ import numpy as np
 
 from triaged import __version__
 from triaged.config import Settings
+from triaged.pipeline.priority import fixed_levels, resolve_levels
 from triaged.pipeline.scoring import Skip
 from triaged.processing import PipelineProcessor, group_by_study
 from triaged.training import metrics as M
@@ -112,6 +113,9 @@ class StudyResult:
     priority: int | None = None  # as the worklist would show it (requested bonus included)
     flag: bool | None = None
     models: dict[str, str] = field(default_factory=dict)
+    raw_probability: float | None = None  # the aggregate before calibration
+    operating_point: str | None = None
+    slice_probabilities: list[float] | None = None  # fusion, of the selected slices
 
 
 class StudySource:
@@ -194,6 +198,9 @@ def _score_one(res: StudyResult, files: list[Path], processor: PipelineProcessor
     res.cbam_probability = outcome.cbam_probability
     res.priority = outcome.priority
     res.flag = outcome.flag
+    res.raw_probability = outcome.raw_probability
+    res.operating_point = outcome.operating_point
+    res.slice_probabilities = list(outcome.fusion_slice_probabilities)
     res.models = {"fusion": f"{outcome.model.name}:{outcome.model.version}"}
     if outcome.cbam_model is not None:
         res.models["cbam"] = f"{outcome.cbam_model.name}:{outcome.cbam_model.version}"
@@ -204,12 +211,15 @@ def _operating_points(processor: PipelineProcessor, y: np.ndarray, p: np.ndarray
                       ) -> list[dict[str, Any]]:
     section = processor.pipeline.priority
     points: list[tuple[str, dict[str, Any], np.ndarray, float]] = []
-    for lv in section.ordered_levels():
+    live = processor.loaded.fusion if processor.loaded is not None else None
+    levels = resolve_levels(section, live.version.card.study_decision if live else None)
+    for lv in levels if not isinstance(levels, str) else fixed_levels(section):
+        named = f"operating point {lv.operating_point}, " if lv.operating_point else ""
         points.append((
-            f"priority level {lv.priority} (p >= {lv.min_probability:g})",
-            {"kind": "level", "priority": lv.priority, "min_probability": lv.min_probability,
-             "flag": lv.flag},
-            p, lv.min_probability))
+            f"priority level {lv.priority} ({named}p >= {lv.threshold:g})",
+            {"kind": "level", "priority": lv.priority, "min_probability": lv.threshold,
+             "operating_point": lv.operating_point, "flag": lv.flag},
+            p, lv.threshold))
     if any(lv.flag for lv in section.levels):
         points.append(("flag", {"kind": "flag"}, flags.astype(np.float64), 0.5))
     points.append((f"SR positive (p >= {section.sr_threshold:g})",

@@ -134,9 +134,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "A study reaches a priority level when its fusion probability is at least the "
-        "level's `min_probability` (the daemon gives it that level's priority or a higher "
-        "one, before the requested-priority bonus of the order). `flag` is the daemon's own "
-        "flag of each study.",
+        "level's threshold: the fitted operating point of the model card when it has a "
+        "study decision (the probability is then the calibrated one), else the level's "
+        "`min_probability` (before the requested-priority bonus of the order). `flag` is the "
+        "daemon's own flag of each study.",
         "",
         "ECE = sum over bins of (studies in bin / all studies) x |fraction positive in bin "
         "- mean probability in bin|; bin b holds b/10 <= p < (b+1)/10 (p = 1 in the last).",

@@ -273,6 +273,9 @@ def _result_out(result: Result, image_url: Callable[[str], str]) -> ResultOut:
         sr_text=details.sr_text,
         images={k: (image_url(k) if image_path(result, k) else None) for k in IMAGE_KINDS},
         created_at=result.created_at.isoformat(),
+        raw_probability=details.summary.raw_probability,
+        operating_point=details.summary.operating_point,
+        calibrated_on=details.summary.calibrated_on,
     )
 
 

@@ -80,6 +80,13 @@ class ResultOut(_Out):
     sr_text: list[str]
     images: dict[str, str | None] = Field(description="kind -> URL of the PNG, null if absent")
     created_at: str
+    raw_probability: float | None = Field(
+        default=None, description="the aggregate before calibration")
+    operating_point: str | None = Field(
+        default=None, description="the fitted operating point that fired (null: none)")
+    calibrated_on: int | None = Field(
+        default=None, description="validation studies the calibration was fitted on "
+        "(null: fusion_probability is not calibrated)")
 
 
 class DeliveryOut(_Out):
