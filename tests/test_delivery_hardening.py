@@ -103,15 +103,34 @@ def _queue_study(engine: sa.Engine, paths: list[Path], uids: list[str]) -> int:
         )
         s.add(study)
         s.flush()
-        job = Job(study_id=study.id, kind="score", state=JobState.DONE, attempts=1,
-                  created_at=now, started_at=now, finished_at=now)
+        job = Job(
+            study_id=study.id,
+            kind="score",
+            state=JobState.DONE,
+            attempts=1,
+            created_at=now,
+            started_at=now,
+            finished_at=now,
+        )
         s.add(job)
         s.flush()
-        result = Result(study_id=study.id, job_id=job.id, pipeline="covid-ct",
-                        series_instance_uid="1.2.3.1", fusion_probability=0.9,
-                        cbam_probability=None, models={}, slice_probabilities=[0.9],
-                        key_slice=0, timings={}, priority=90, flag=True, details={},
-                        superseded=False, created_at=now)
+        result = Result(
+            study_id=study.id,
+            job_id=job.id,
+            pipeline="covid-ct",
+            series_instance_uid="1.2.3.1",
+            fusion_probability=0.9,
+            cbam_probability=None,
+            models={},
+            slice_probabilities=[0.9],
+            key_slice=0,
+            timings={},
+            priority=90,
+            flag=True,
+            details={},
+            superseded=False,
+            created_at=now,
+        )
         s.add(result)
         s.flush()
         objects = [
@@ -167,12 +186,38 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 def _issue(folder: Path, name: str, san: str) -> tuple[Path, Path]:
     """A key and a certificate signed by the folder's CA, for ``san``."""
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=folder)
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        cwd=folder,
+    )
     (folder / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-             "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt",
-             cwd=folder)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.crt",
+        cwd=folder,
+    )
     return folder / f"{name}.key", folder / f"{name}.crt"
 
 
@@ -180,18 +225,34 @@ def _issue(folder: Path, name: str, san: str) -> tuple[Path, Path]:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A private CA; a PACS certificate for pacs.example, one for localhost; our client's."""
     folder = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-             "/CN=test-ca", "-keyout", "ca.key", "-out", "ca.crt", cwd=folder)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        cwd=folder,
+    )
     out = {"ca": folder / "ca.crt"}
-    for name, san in [("pacs.example", "DNS:pacs.example"), ("localhost", "DNS:localhost"),
-                      ("client", "DNS:triaged.example")]:
+    for name, san in [
+        ("pacs.example", "DNS:pacs.example"),
+        ("localhost", "DNS:localhost"),
+        ("client", "DNS:triaged.example"),
+    ]:
         out[f"{name}.key"], out[f"{name}.crt"] = _issue(folder, name, san)
     return out
 
 
 def _tls_peer(peers: Any, pki: dict[str, Path], name: str) -> Peer:
-    return peers(("+tls", str(pki[f"{name}.key"]), str(pki[f"{name}.crt"]),
-                  "+cf", str(pki["ca"])))
+    return peers(("+tls", str(pki[f"{name}.key"]), str(pki[f"{name}.crt"]), "+cf", str(pki["ca"])))
 
 
 def _client(pki: dict[str, Path], **extra: Any) -> dict[str, Any]:
@@ -260,8 +321,9 @@ def test_verify_hostname_is_a_destination_option_only(tmp_path: Path) -> None:
     (parsed,) = settings.destinations
     assert parsed.tls is not None and parsed.tls.verify_hostname is False
     assert parsed.tls.cert == tmp_path / "c.crt"  # still anchored at the config's folder
-    default = from_dict({"destinations": [{**dest, "tls": {"cert": "c", "key": "k"}}]},
-                        tmp_path, environ={})
+    default = from_dict(
+        {"destinations": [{**dest, "tls": {"cert": "c", "key": "k"}}]}, tmp_path, environ={}
+    )
     assert default.destinations[0].tls is not None
     assert default.destinations[0].tls.verify_hostname is True
     with pytest.raises(ConfigError, match=r"unknown key 'dicom\.tls\.verify_hostname'"):

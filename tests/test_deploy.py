@@ -314,7 +314,8 @@ def test_health_check_passes_on_serve_as_the_compose_stack_runs_it(
 
 
 def test_health_check_passes_on_a_fresh_single_node_with_a_live_model(
-    image: tuple[dict[str, str], list[Stage]], make_daemon: Callable[..., Daemon],
+    image: tuple[dict[str, str], list[Stage]],
+    make_daemon: Callable[..., Daemon],
     tmp_path: Path,
 ) -> None:
     """The systemd/single-container shape: an in-process worker, a live model, no study yet.
@@ -441,9 +442,9 @@ def test_compose_triaged_and_orthanc_point_at_each_other(
     assert dest.host in compose["services"] and dest.host == "orthanc"
     assert dest.port == orthanc["DicomPort"]
     assert dest.ae_title == orthanc["DicomAet"]
-    assert f"{orthanc['DicomPort']}:{orthanc['DicomPort']}" in compose["services"]["orthanc"][
-        "ports"
-    ]
+    assert (
+        f"{orthanc['DicomPort']}:{orthanc['DicomPort']}" in compose["services"]["orthanc"]["ports"]
+    )
     assert s.dicom.allowed_calling_aets == [orthanc["DicomAet"]]
     peer = orthanc["DicomModalities"]["triaged"]
     assert peer["Host"] in compose["services"] and peer["Host"] == "triaged"
@@ -523,9 +524,9 @@ def test_systemd_unit_is_hardened_and_runs_the_command(name: str, site: Settings
     assert "@system-service" in values(unit, "SystemCallFilter")
     assert re.fullmatch(r"\d+[KMG]", one(unit, "MemoryMax"))
     assert re.fullmatch(r"\d+s", one(unit, "RestartSec"))
-    assert "AmbientCapabilities" not in dict(unit["Service"]) or one(
-        unit, "AmbientCapabilities"
-    ) == ""
+    assert (
+        "AmbientCapabilities" not in dict(unit["Service"]) or one(unit, "AmbientCapabilities") == ""
+    )
     argv = shlex.split(one(unit, "ExecStart"))
     assert argv[0].endswith("/bin/triaged")
     assert argv[1:] == [UNITS[name], "--config", str(ETC / "config.toml")]

@@ -45,8 +45,13 @@ def _identify(files: list[Path], ids: dict[str, str]) -> None:
 
 def _identifiers(n: int) -> dict[str, str]:
     tag = uuid.uuid4().hex[:8].upper()
-    return {"pid": f"PID{tag}{n}", "family": f"QXF{tag}{n}", "given": f"ZVG{tag}{n}",
-            "accession": f"AC{tag}{n}", "birth": f"19{n}{int(tag[:4], 16) % 9 + 1}0{n + 3}1{n}"}
+    return {
+        "pid": f"PID{tag}{n}",
+        "family": f"QXF{tag}{n}",
+        "given": f"ZVG{tag}{n}",
+        "accession": f"AC{tag}{n}",
+        "birth": f"19{n}{int(tag[:4], 16) % 9 + 1}0{n + 3}1{n}",
+    }
 
 
 def _force_database_error(url: str, accession: str) -> None:
@@ -58,10 +63,13 @@ def _force_database_error(url: str, accession: str) -> None:
                 c.exec_driver_sql(
                     "CREATE TRIGGER phi_probe BEFORE INSERT ON studies WHEN "
                     f"NEW.accession_number = '{accession}' "
-                    "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+                    "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+                )
             else:
-                c.exec_driver_sql("ALTER TABLE studies ADD CONSTRAINT phi_probe CHECK "
-                                  f"(accession_number IS DISTINCT FROM '{accession}')")
+                c.exec_driver_sql(
+                    "ALTER TABLE studies ADD CONSTRAINT phi_probe CHECK "
+                    f"(accession_number IS DISTINCT FROM '{accession}')"
+                )
     finally:
         eng.dispose()
 
@@ -71,20 +79,31 @@ def _browse(url: str, uid: str, pid: str) -> None:
         page = c.get("/login")
         token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
         assert token
-        bad = c.post("/login", data={"username": "admin", "password": "wrong-password",
-                                     "csrf_token": token.group(1)})
+        bad = c.post(
+            "/login",
+            data={"username": "admin", "password": "wrong-password", "csrf_token": token.group(1)},
+        )
         assert bad.status_code == 401
         page = c.get("/login")
         token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
         assert token
-        r = c.post("/login", data={"username": "admin", "password": ADMIN_PASSWORD,
-                                   "csrf_token": token.group(1)})
+        r = c.post(
+            "/login",
+            data={"username": "admin", "password": ADMIN_PASSWORD, "csrf_token": token.group(1)},
+        )
         assert r.status_code == 303
         worklist = c.get("/")
         assert worklist.status_code == 200 and pid in worklist.text  # the data is there
-        for path in (f"/studies/{uid}", "/api/studies", f"/api/studies/{uid}",
-                     f"/api/studies/{uid}/feedback", "/admin", "/metrics", "/healthz",
-                     "/studies/1.2.3.4.404"):
+        for path in (
+            f"/studies/{uid}",
+            "/api/studies",
+            f"/api/studies/{uid}",
+            f"/api/studies/{uid}/feedback",
+            "/admin",
+            "/metrics",
+            "/healthz",
+            "/studies/1.2.3.4.404",
+        ):
             assert c.get(path).status_code in (200, 404, 503), path
 
 
@@ -95,8 +114,13 @@ def _wait_for(d: Any, text: str, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def test_no_patient_data_in_logs(make_daemon, pacs_factory, pipeline_file, tmp_path,  # noqa: F811
-                                 db_url) -> None:
+def test_no_patient_data_in_logs(
+    make_daemon,
+    pacs_factory,  # noqa: F811
+    pipeline_file,  # noqa: F811
+    tmp_path,
+    db_url,
+) -> None:
     good, refused = _identifiers(1), _identifiers(2)
     study = generate_study(tmp_path / "s1", seed=41, positive=True, slices=12, size=64)
     _identify(study.files, good)
@@ -108,9 +132,14 @@ def test_no_patient_data_in_logs(make_daemon, pacs_factory, pipeline_file, tmp_p
     d = scoring_daemon(make_daemon, pipeline_file, pacs.port, db_url)
     d.extra |= {
         "logging": {"level": "DEBUG"},
-        "web": {"enabled": True, "port": web_port, "secret_key": "phi-test-secret-0123456789",
-                "users": [{"name": "admin", "role": "admin",
-                           "password_hash": hash_password(ADMIN_PASSWORD)}]},
+        "web": {
+            "enabled": True,
+            "port": web_port,
+            "secret_key": "phi-test-secret-0123456789",
+            "users": [
+                {"name": "admin", "role": "admin", "password_hash": hash_password(ADMIN_PASSWORD)}
+            ],
+        },
     }
     d.start()
     out = storescu(d.port, *study.files)

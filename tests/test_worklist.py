@@ -230,15 +230,35 @@ def test_cron_schedule_parses() -> None:
 def _scored_with_deliveries(s: Session, study: Study, kinds: list[str]) -> int:
     """A DONE job, a current result and its queued deliveries, as the worker leaves them."""
     now = utcnow()
-    job = Job(study_id=study.id, kind="score", state=JobState.DONE, attempts=1,
-              created_at=now, started_at=now, finished_at=now)
+    job = Job(
+        study_id=study.id,
+        kind="score",
+        state=JobState.DONE,
+        attempts=1,
+        created_at=now,
+        started_at=now,
+        finished_at=now,
+    )
     s.add(job)
     s.flush()
     s.execute(sa.update(Result).where(Result.study_id == study.id).values(superseded=True))
-    r = Result(study_id=study.id, job_id=job.id, pipeline="covid-ct", series_instance_uid="1.2.3.1",
-               fusion_probability=0.9, cbam_probability=0.8, models={}, slice_probabilities=[0.9],
-               key_slice=0, timings={}, priority=90, flag=True, details={}, superseded=False,
-               created_at=now)
+    r = Result(
+        study_id=study.id,
+        job_id=job.id,
+        pipeline="covid-ct",
+        series_instance_uid="1.2.3.1",
+        fusion_probability=0.9,
+        cbam_probability=0.8,
+        models={},
+        slice_probabilities=[0.9],
+        key_slice=0,
+        timings={},
+        priority=90,
+        flag=True,
+        details={},
+        superseded=False,
+        created_at=now,
+    )
     s.add(r)
     s.flush()
     objs = [deliveries.QueuedObject(k, f"9.9.{r.id}.{k}", f"/results/{k}.dcm") for k in kinds]
@@ -254,9 +274,16 @@ def test_dead_letters_requeue_and_supersede(engine: sa.Engine) -> None:
         _scored_with_deliveries(s, study, ["SR", "SEG"])
     for d in deliveries.claim_due(engine, 60):  # the PACS refuses: dead at once
         with Session(engine) as s, s.begin():
-            deliveries.record_outcome(s, d.id, delivered=False, permanent=True,
-                                      detail="association rejected", max_attempts=8,
-                                      backoff_seconds=1, backoff_max_seconds=10)
+            deliveries.record_outcome(
+                s,
+                d.id,
+                delivered=False,
+                permanent=True,
+                detail="association rejected",
+                max_attempts=8,
+                backoff_seconds=1,
+                backoff_max_seconds=10,
+            )
             deliveries.settle_study(s, d.study_id)
     with Session(engine) as s, s.begin():
         study = s.scalars(sa.select(Study)).one()
@@ -271,8 +298,16 @@ def test_dead_letters_requeue_and_supersede(engine: sa.Engine) -> None:
     assert sorted(d.attempts for d in due) == [0, 0]
     for d in due:  # dead again; then the study is rescored: the old letters are superseded
         with Session(engine) as s, s.begin():
-            deliveries.record_outcome(s, d.id, delivered=False, permanent=True, detail="x",
-                                      max_attempts=8, backoff_seconds=1, backoff_max_seconds=10)
+            deliveries.record_outcome(
+                s,
+                d.id,
+                delivered=False,
+                permanent=True,
+                detail="x",
+                max_attempts=8,
+                backoff_seconds=1,
+                backoff_max_seconds=10,
+            )
     with Session(engine) as s, s.begin():
         study = s.scalars(sa.select(Study)).one()
         _scored_with_deliveries(s, study, ["SR"])

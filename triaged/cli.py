@@ -140,14 +140,16 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         set(counts) - {d.name for d in settings.destinations}
     )
     rows = [
-        {"destination": n, **asdict(counts.get(n, deliveries.DestinationCounts()))}
-        for n in names
+        {"destination": n, **asdict(counts.get(n, deliveries.DestinationCounts()))} for n in names
     ]
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(_fmt_table(rows, [("destination", "DESTINATION"), ("pending", "PENDING"),
-                                ("dead", "DEAD")]))
+        print(
+            _fmt_table(
+                rows, [("destination", "DESTINATION"), ("pending", "PENDING"), ("dead", "DEAD")]
+            )
+        )
     return 0
 
 
@@ -251,8 +253,12 @@ def cmd_score(args: argparse.Namespace) -> int:
             entry.files = [str(f.path) for f in files_written]
         report.append(entry)
     if args.json:
-        print(json.dumps([r.to_json() if isinstance(r, ScoredStudy) else r.model_dump()
-                          for r in report], indent=1))
+        print(
+            json.dumps(
+                [r.to_json() if isinstance(r, ScoredStudy) else r.model_dump() for r in report],
+                indent=1,
+            )
+        )
         return 0
     for r in report:
         if isinstance(r, SkippedStudy):
@@ -263,9 +269,12 @@ def cmd_score(args: argparse.Namespace) -> int:
             f"{r.study_instance_uid}  fusion {r.fusion_probability:.3f}  "
             f"cbam {'-' if cbam is None else f'{cbam:.3f}'}  "
             f"priority {r.priority}{'  FLAG' if r.flag else ''}"
-            + (f"  calibrated on {r.calibrated_on}, operating point "
-               f"{r.operating_point or '-'}, raw {r.raw_probability:.3f}"
-               if r.calibrated_on is not None and r.raw_probability is not None else "")
+            + (
+                f"  calibrated on {r.calibrated_on}, operating point "
+                f"{r.operating_point or '-'}, raw {r.raw_probability:.3f}"
+                if r.calibrated_on is not None and r.raw_probability is not None
+                else ""
+            )
         )
     return 0
 
@@ -288,9 +297,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         read_labels(labels)  # a bad labels file is reported before any model loads
         if processor.live_model() is None:
             entry = processor.pipeline.model("fusion")
-            raise UserError(f"no live model: {entry.name if entry else 'fusion'} has no "
-                            f"{'live ' if entry is None or entry.version == 'live' else ''}"
-                            f"version in the model store")
+            raise UserError(
+                f"no live model: {entry.name if entry else 'fusion'} has no "
+                f"{'live ' if entry is None or entry.version == 'live' else ''}"
+                f"version in the model store"
+            )
         if args.fit:
             return _validate_fit(args, settings, labels, processor)
         report = validate(settings, labels, processor, args.resamples, args.seed)
@@ -299,33 +310,43 @@ def cmd_validate(args: argparse.Namespace) -> int:
     json_path, md_path = write_report(report, Path(args.out))
     c, auc = report["counts"], report["metrics"]["auc"]
     auc_text = "undefined" if auc["value"] is None else f"{auc['value']:.3f}"
-    print(f"{c['scored']} of {c['studies']} studies scored ({c['skipped']} skipped, "
-          f"{c['failed']} failed), {c['patients']} patients; AUC {auc_text}; "
-          f"report {md_path}, data {json_path}")
+    print(
+        f"{c['scored']} of {c['studies']} studies scored ({c['skipped']} skipped, "
+        f"{c['failed']} failed), {c['patients']} patients; AUC {auc_text}; "
+        f"report {md_path}, data {json_path}"
+    )
     return 0
 
 
-def _validate_fit(args: argparse.Namespace, settings: Settings, labels: Path,
-                  processor: Any) -> int:
+def _validate_fit(
+    args: argparse.Namespace, settings: Settings, labels: Path, processor: Any
+) -> int:
     """`validate --fit`: fit the study decision, register it as a new fusion version."""
     from triaged.pipeline.calibration import DEFAULT_TARGETS
     from triaged.validation.fit import FitError, fit, parse_target
 
     try:
-        targets = ([parse_target(t) for t in args.operating_point] if args.operating_point
-                   else list(DEFAULT_TARGETS))
+        targets = (
+            [parse_target(t) for t in args.operating_point]
+            if args.operating_point
+            else list(DEFAULT_TARGETS)
+        )
         out = fit(settings, labels, processor, targets, promote=args.promote)
     except FitError as err:
         raise UserError(str(err)) from None
     d = out.decision
     f = d.fitted_on
-    print(f"fitted on {f.n_studies} studies ({f.n_patients} patients, {f.n_positive} positive) "
-          f"scored by {out.fitted_from}: aggregation {d.aggregation.describe()}, "
-          f"Platt a={d.calibration.a:.3g} b={d.calibration.b:.3g}, AUC {f.auc:.3f}")
+    print(
+        f"fitted on {f.n_studies} studies ({f.n_patients} patients, {f.n_positive} positive) "
+        f"scored by {out.fitted_from}: aggregation {d.aggregation.describe()}, "
+        f"Platt a={d.calibration.a:.3g} b={d.calibration.b:.3g}, AUC {f.auc:.3f}"
+    )
     for op in d.operating_points:
-        print(f"  operating point {op.name}: {op.target} >= {op.minimum:g} -> p >= "
-              f"{op.threshold:.3f} (sensitivity {op.val_sensitivity:.2f}, "
-              f"specificity {op.val_specificity:.2f} on these studies)")
+        print(
+            f"  operating point {op.name}: {op.target} >= {op.minimum:g} -> p >= "
+            f"{op.threshold:.3f} (sensitivity {op.val_sensitivity:.2f}, "
+            f"specificity {op.val_specificity:.2f} on these studies)"
+        )
     print(f"registered {out.version.ref}{' (live)' if out.promoted else ''}")
     return 0
 
@@ -337,8 +358,10 @@ def cmd_render(args: argparse.Namespace) -> int:
         summary = render_covid_ct(Path(args.data), args.split, Path(args.out))
     except RenditionError as err:
         raise UserError(str(err)) from None
-    print(f"{summary.studies} studies ({summary.patients} patients, {summary.images} images) "
-          f"of the {args.split} split written to {args.out}; labels {summary.labels}")
+    print(
+        f"{summary.studies} studies ({summary.patients} patients, {summary.images} images) "
+        f"of the {args.split} split written to {args.out}; labels {summary.labels}"
+    )
     return 0
 
 
@@ -395,15 +418,18 @@ def _fit_ood(store: Any, args: argparse.Namespace) -> None:
     if not args.ref or not args.data:
         raise UserError("fit-ood needs NAME[:VERSION] and at least one --data KIND:PATH")
     try:
-        mv = fit_existing(store, args.ref, list(args.data), quantile=args.quantile,
-                          max_share=args.max_share)
+        mv = fit_existing(
+            store, args.ref, list(args.data), quantile=args.quantile, max_share=args.max_share
+        )
     except ValidationError as err:
         raise UserError(f"--data: {err.errors()[0]['msg']}") from None
     except (OodError, RetrainError) as err:
         raise UserError(str(err)) from None
     assert mv.card.ood is not None
-    print(f"registered {mv.ref} (OOD fit on {mv.card.ood.slices} slices, threshold "
-          f"{mv.card.ood.threshold:.3g}); promote it with: triaged models promote {mv.ref}")
+    print(
+        f"registered {mv.ref} (OOD fit on {mv.card.ood.slices} slices, threshold "
+        f"{mv.card.ood.threshold:.3g}); promote it with: triaged models promote {mv.ref}"
+    )
 
 
 def _card_summary(metrics: dict[str, object]) -> str:
@@ -457,13 +483,18 @@ def _set_user_enabled(engine: Any, settings: Settings, action: str, name: str | 
     if not name:
         raise UserError(f"{action} needs NAME")
     if any(u.name == name for u in settings.web.users):
-        raise UserError(f"{name} is a [web] users entry of the config file: remove it there "
-                        "(config users cannot be disabled from the command line)")
+        raise UserError(
+            f"{name} is a [web] users entry of the config file: remove it there "
+            "(config users cannot be disabled from the command line)"
+        )
     change = disable_user if action == "disable-user" else enable_user
     if not change(engine, name, _cli_actor()):
         raise UserError(f"no database user {name}")
-    print(f"user {name} disabled; their sessions were ended" if action == "disable-user"
-          else f"user {name} enabled")
+    print(
+        f"user {name} disabled; their sessions were ended"
+        if action == "disable-user"
+        else f"user {name} enabled"
+    )
 
 
 def cmd_web(args: argparse.Namespace) -> int:
@@ -484,8 +515,10 @@ def cmd_web(args: argparse.Namespace) -> int:
                 if not args.name or not args.role:
                     raise UserError("add-user needs NAME and --role")
                 created = add_user(engine, args.name, args.role, _password(args), _cli_actor())
-                print(f"user {args.name} {'created' if created else 'updated'} ({args.role})"
-                      + ("" if created else "; their sessions were ended"))
+                print(
+                    f"user {args.name} {'created' if created else 'updated'} ({args.role})"
+                    + ("" if created else "; their sessions were ended")
+                )
             elif args.action in ("disable-user", "enable-user"):
                 _set_user_enabled(engine, settings, args.action, args.name)
             else:
@@ -584,21 +617,32 @@ def build_parser() -> argparse.ArgumentParser:
         "patient-level bootstrap intervals. See docs/training.md.",
     )
     _add_config(p)
-    p.add_argument("--labels", required=True, metavar="CSV",
-                   help="columns study (folder relative to the CSV, or Study Instance UID), "
-                        "label (0/1), optional patient")
-    p.add_argument("--out", default="validation", metavar="DIR",
-                   help="report folder (default: ./validation)")
+    p.add_argument(
+        "--labels",
+        required=True,
+        metavar="CSV",
+        help="columns study (folder relative to the CSV, or Study Instance UID), "
+        "label (0/1), optional patient",
+    )
+    p.add_argument(
+        "--out", default="validation", metavar="DIR", help="report folder (default: ./validation)"
+    )
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--fit", action="store_true",
-                   help="fit aggregation, calibration and operating points on these studies "
-                        "and register them as a new version of the fusion model")
-    p.add_argument("--operating-point", action="append", metavar="NAME=METRIC:VALUE",
-                   help="with --fit: e.g. urgent=specificity:0.9 (repeatable; default "
-                        "urgent=specificity:0.9 and review=sensitivity:0.9)")
-    p.add_argument("--promote", action="store_true",
-                   help="with --fit: make the new version live")
+    p.add_argument(
+        "--fit",
+        action="store_true",
+        help="fit aggregation, calibration and operating points on these studies "
+        "and register them as a new version of the fusion model",
+    )
+    p.add_argument(
+        "--operating-point",
+        action="append",
+        metavar="NAME=METRIC:VALUE",
+        help="with --fit: e.g. urgent=specificity:0.9 (repeatable; default "
+        "urgent=specificity:0.9 and review=sensitivity:0.9)",
+    )
+    p.add_argument("--promote", action="store_true", help="with --fit: make the new version live")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(
@@ -620,12 +664,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="model store folder (default: [models] store)")
     p.add_argument("action", choices=["list", "show", "promote", "rollback", "fit-ood"])
     p.add_argument("ref", nargs="?", default="", help="NAME[:VERSION]")
-    p.add_argument("--data", action="append", metavar="KIND:PATH",
-                   help="fit-ood: training data, as for retrain (repeatable)")
-    p.add_argument("--quantile", type=float, default=0.99,
-                   help="fit-ood: slice threshold = this quantile of training distances")
-    p.add_argument("--max-share", type=float, default=0.5,
-                   help="fit-ood: a study is out of distribution above this share of slices")
+    p.add_argument(
+        "--data",
+        action="append",
+        metavar="KIND:PATH",
+        help="fit-ood: training data, as for retrain (repeatable)",
+    )
+    p.add_argument(
+        "--quantile",
+        type=float,
+        default=0.99,
+        help="fit-ood: slice threshold = this quantile of training distances",
+    )
+    p.add_argument(
+        "--max-share",
+        type=float,
+        default=0.5,
+        help="fit-ood: a study is out of distribution above this share of slices",
+    )
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("retrain", help="train and register a new model version")
@@ -641,11 +697,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("web", help="web users and radiologist labels")
     _add_config(p)
-    p.add_argument("action", choices=["add-user", "disable-user", "enable-user",
-                                      "hash-password", "export-labels"])
-    p.add_argument("name", nargs="?",
-                   help="user NAME (add-user, disable-user, enable-user) or output PATH "
-                        "(export-labels)")
+    p.add_argument(
+        "action",
+        choices=["add-user", "disable-user", "enable-user", "hash-password", "export-labels"],
+    )
+    p.add_argument(
+        "name",
+        nargs="?",
+        help="user NAME (add-user, disable-user, enable-user) or output PATH (export-labels)",
+    )
     p.add_argument("--role", choices=["radiologist", "admin"])
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p.set_defaults(func=cmd_web)

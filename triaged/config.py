@@ -176,8 +176,10 @@ class WebSettings(_Section):
             try:
                 ipaddress.ip_network(entry.strip(), strict=False)
             except ValueError:
-                raise ValueError(f"{entry!r} is not an IP address or network (a proxy's "
-                                 "address; '*' would let any client pick its address)") from None
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network (a proxy's "
+                    "address; '*' would let any client pick its address)"
+                ) from None
         return [e.strip() for e in v]
 
     @model_validator(mode="before")

@@ -50,8 +50,9 @@ class DemoSize:
     validation: int = 8  # synthetic validation studies the study decision is fitted on
 
 
-QUICK = DemoSize(studies=4, slices=24, size=96, train_slices=240, input_size=48, epochs=6,
-                 validation=6)
+QUICK = DemoSize(
+    studies=4, slices=24, size=96, train_slices=240, input_size=48, epochs=6, validation=6
+)
 #: Validation studies use other seeds than the shown studies (100 + i): never the same images.
 VALIDATION_SEED = 500
 
@@ -128,8 +129,13 @@ def ensure_decision(workdir: Path, settings: Settings, size: DemoSize) -> str:
     shutil.rmtree(folder, ignore_errors=True)
     lines = ["study,label,patient"]
     for i in range(size.validation):
-        study = generate_study(folder / f"val{i:02d}", seed=VALIDATION_SEED + i,
-                               positive=i % 2 == 1, slices=size.slices, size=size.size)
+        study = generate_study(
+            folder / f"val{i:02d}",
+            seed=VALIDATION_SEED + i,
+            positive=i % 2 == 1,
+            slices=size.slices,
+            size=size.size,
+        )
         lines.append(f"val{i:02d},{int(study.positive)},{study.patient_id}")
     (folder / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     processor = processor_for(settings)
@@ -141,8 +147,10 @@ def ensure_decision(workdir: Path, settings: Settings, size: DemoSize) -> str:
         return f"no study decision ({err}); scoring with the pipeline's fallback thresholds"
     d = out.decision
     points = ", ".join(f"{op.name} p >= {op.threshold:.2f}" for op in d.operating_points)
-    return (f"{out.version.ref} promoted: {d.aggregation.describe()} + Platt calibration, "
-            f"{points} (fitted on {d.fitted_on.n_studies} synthetic validation studies)")
+    return (
+        f"{out.version.ref} promoted: {d.aggregation.describe()} + Platt calibration, "
+        f"{points} (fitted on {d.fitted_on.n_studies} synthetic validation studies)"
+    )
 
 
 def _probabilities(service: Service) -> dict[str, float]:
@@ -242,10 +250,13 @@ def _settings(workdir: Path, dicom_port: int, web_port: int, pacs_port: int) -> 
     )
 
 
-def _print_worklist(rows: list[StudyRow], truth: dict[str, bool],
-                    probability: dict[str, float]) -> None:
-    print(f"\n  {'FLAG':<6}{'PRIO':>5}  {'STATE':<10}{'PATIENT':<15}{'TRUTH':<10}{'P':<7}STUDY",
-          flush=True)
+def _print_worklist(
+    rows: list[StudyRow], truth: dict[str, bool], probability: dict[str, float]
+) -> None:
+    print(
+        f"\n  {'FLAG':<6}{'PRIO':>5}  {'STATE':<10}{'PATIENT':<15}{'TRUTH':<10}{'P':<7}STUDY",
+        flush=True,
+    )
     for r in rows:
         flag = "URGENT" if r.flag else ""
         t = "lesions" if truth.get(r.study_instance_uid) else "clear"
@@ -317,8 +328,7 @@ def run_demo(
     )
     t0 = time.monotonic()
     print(
-        f"           {ensure_decision(workdir, settings, size)} "
-        f"({time.monotonic() - t0:.0f} s)",
+        f"           {ensure_decision(workdir, settings, size)} ({time.monotonic() - t0:.0f} s)",
         file=sys.stderr,
         flush=True,
     )

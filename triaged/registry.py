@@ -143,13 +143,22 @@ def code_version() -> CodeVersion:
     dirty: bool | None = None
     if (repo / ".git").exists():
         try:
-            commit = subprocess.run(
-                ["git", "-C", str(repo), "rev-parse", "HEAD"],
-                capture_output=True, text=True, timeout=5, check=True,
-            ).stdout.strip() or None
+            commit = (
+                subprocess.run(
+                    ["git", "-C", str(repo), "rev-parse", "HEAD"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                    check=True,
+                ).stdout.strip()
+                or None
+            )
             status = subprocess.run(
                 ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True, text=True, timeout=5, check=True,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
             ).stdout
             dirty = bool(status.strip())
         except (OSError, subprocess.SubprocessError):
@@ -202,7 +211,8 @@ class ModelStore:
         if not self.root.is_dir():
             return []
         return sorted(
-            p.name for p in self.root.iterdir()
+            p.name
+            for p in self.root.iterdir()
             if p.is_dir() and not p.name.startswith(".") and _NAME_RE.match(p.name)
         )
 
@@ -218,7 +228,8 @@ class ModelStore:
                     raise ModelNotFoundError(f"no model named {n!r} in {self.root}")
                 continue
             versions = [
-                p.name for p in folder.iterdir()
+                p.name
+                for p in folder.iterdir()
                 if p.is_dir() and not p.name.startswith(".") and (p / CARD_FILE).is_file()
             ]
             out.extend(self.get(n, v) for v in sorted(versions, key=_version_key))
@@ -436,8 +447,6 @@ def _copy_safetensors(src: Path, dst: Path) -> None:
         raise RegistryError(f"{src}: not a safetensors file ({exc})") from exc
     shutil.copyfile(src, dst)
     fsync_path(dst)
-
-
 
 
 def file_sha256(path: Path) -> str:

@@ -147,8 +147,13 @@ class Service:
         from triaged.registry import ModelStore
         from triaged.web.server import start_web
 
-        server = start_web(self.settings, self.engine, store=ModelStore(self.settings.models.store),
-                           status=self.status, echo=self.echo)
+        server = start_web(
+            self.settings,
+            self.engine,
+            store=ModelStore(self.settings.models.store),
+            status=self.status,
+            echo=self.echo,
+        )
         if server is not None:
             self._on_stop.append(server.stop)
 

@@ -104,9 +104,7 @@ def test_fast_path_switch_decides_whether_pynetdicom_is_patched(
     monkeypatch.setattr(pa, "time", time)  # as if no earlier test had installed the proxy
     engine = db.make_engine(f"sqlite:///{tmp_path / 'w.db'}")
     db.upgrade(engine)
-    scp = StoreSCP(
-        DicomSettings(port=0, fast_path=fast_path), Spool(tmp_path / "spool", 1), engine
-    )
+    scp = StoreSCP(DicomSettings(port=0, fast_path=fast_path), Spool(tmp_path / "spool", 1), engine)
     scp.start()
     try:
         ae = AE(ae_title="PYSCU")

@@ -199,9 +199,9 @@ def test_long_and_malformed_uids_are_refused_not_truncated(make_daemon, db_url, 
     bad_files = [f for copies in bad.values() for f in copies]
     out = storescu(d.port, *bad_files, *good, extra=("--no-halt",))
     statuses = store_statuses(out.stderr + out.stdout)
-    assert statuses == ["Error: DataSetDoesNotMatchSOPClass"] * len(bad_files) + [
-        "Success"
-    ] * len(good)
+    assert statuses == ["Error: DataSetDoesNotMatchSOPClass"] * len(bad_files) + ["Success"] * len(
+        good
+    )
     for reason in bad:
         assert f"refused with 0xA900: {reason}" in d.log()
     wait_log(d, f"{len(good)} stored, 0 duplicate, {len(bad_files)} failed")
@@ -294,8 +294,7 @@ def test_worker_never_scores_a_file_that_is_not_its_instance(engine, tmp_path) -
     fine = generate_study(tmp_path / "c", seed=27, slices=3, size=32, patient_id="PAT-C")
     relabelled = generate_study(tmp_path / "d", seed=28, slices=3, size=32, patient_id="PAT-D")
     placed = {
-        s.study_instance_uid: _meta_rows(list(s.files), spool)
-        for s in (mine, fine, relabelled)
+        s.study_instance_uid: _meta_rows(list(s.files), spool) for s in (mine, fine, relabelled)
     }
     with Session(engine) as s, s.begin():
         for rows in placed.values():
@@ -384,9 +383,9 @@ def test_restart_reconcile_does_not_index_a_file_that_disagrees_with_its_folder(
     assert [r["study_instance_uid"] for r in d.worklist()] == [study.study_instance_uid]
 
 
-
 def test_racing_stores_of_one_instance_under_two_studies_record_one(engine, tmp_path) -> None:
     """Two associations at once, one SOP Instance UID, two studies: one wins, one refused."""
+
     def meta(study: str, patient: str) -> InstanceMeta:
         sop_class, syntax = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
         return InstanceMeta(study, f"{study}.1", "1.2.3.4.5", sop_class, syntax, patient_id=patient)

@@ -126,6 +126,7 @@ def test_header_check_does_not_load_pixels_and_still_finds_truncation(template, 
 def test_deflate_bomb_is_refused_before_it_is_inflated_in_memory(template, tmp_path):
     bomb = deflated_instance(template, tmp_path / "bomb.dcm", frames=512)  # 256 MB inflated
     assert bomb.stat().st_size < 2 * MB
+
     def refuse() -> None:
         with pytest.raises(TooLarge):
             read_meta(bomb, 64 * MB)

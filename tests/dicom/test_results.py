@@ -317,19 +317,28 @@ def test_inconsistent_findings_are_refused(phantom: Phantom) -> None:
         )
 
 
-def test_sr_names_the_operating_point_and_the_calibration(phantom: Phantom,
-                                                         tmp_path: Path) -> None:
+def test_sr_names_the_operating_point_and_the_calibration(phantom: Phantom, tmp_path: Path) -> None:
     findings = _findings(phantom)
-    calibrated = StudyFindings(**{**findings.__dict__, "operating_point": "urgent",
-                                  "calibrated_on": 40, "raw_probability": 0.97})
+    calibrated = StudyFindings(
+        **{
+            **findings.__dict__,
+            "operating_point": "urgent",
+            "calibrated_on": 40,
+            "raw_probability": 0.97,
+        }
+    )
     sr = build_results(phantom.sources, calibrated, result_key="job-c").sr
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     errors, text = _dciodvfy_errors(tmp_path / "sr.dcm")
     assert not errors, text
     items = _content_items(sr)
     texts = {it.TextValue for it in items if it.ValueType == "TEXT"}
-    assert {"operating_point=urgent", "calibration=calibrated on 40 validation studies",
-            "raw_probability=0.97"} <= texts
-    values = [float(it.MeasuredValueSequence[0].NumericValue) for it in items
-              if it.ValueType == "NUM"]
+    assert {
+        "operating_point=urgent",
+        "calibration=calibrated on 40 validation studies",
+        "raw_probability=0.97",
+    } <= texts
+    values = [
+        float(it.MeasuredValueSequence[0].NumericValue) for it in items if it.ValueType == "NUM"
+    ]
     assert 0.8731 in values  # the probability item is the (calibrated) study probability

@@ -91,10 +91,13 @@ def test_platt_refuses_a_score_that_falls_with_the_label() -> None:
         fit_platt(np.array([3.0, 2.0, -1.0, -2.0]), np.array([0, 0, 1, 1]))
 
 
-@pytest.mark.parametrize("metric,minimum", [("specificity", 0.9), ("sensitivity", 0.9),
-                                            ("specificity", 0.75), ("sensitivity", 0.6)])
-def test_operating_points_meet_their_target_on_the_fitting_studies(metric: str,
-                                                                    minimum: float) -> None:
+@pytest.mark.parametrize(
+    "metric,minimum",
+    [("specificity", 0.9), ("sensitivity", 0.9), ("specificity", 0.75), ("sensitivity", 0.6)],
+)
+def test_operating_points_meet_their_target_on_the_fitting_studies(
+    metric: str, minimum: float
+) -> None:
     rng = np.random.default_rng(2)
     y = np.repeat([0, 1], 30)
     p = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0.001, 0.999)
@@ -129,30 +132,39 @@ def test_fit_study_decision_on_separable_studies_ranks_and_records_provenance() 
 
 def test_aggregations_do_not_depend_on_slice_order() -> None:
     p = np.random.default_rng(4).uniform(0, 1, 17)
-    for agg in (Aggregation(method="mean"), Aggregation(method="mean_top_k", k=3),
-                Aggregation(method="quantile", q=0.75), Aggregation(method="noisy_or")):
+    for agg in (
+        Aggregation(method="mean"),
+        Aggregation(method="mean_top_k", k=3),
+        Aggregation(method="quantile", q=0.75),
+        Aggregation(method="noisy_or"),
+    ):
         assert aggregate_score(p, agg) == aggregate_score(p[::-1].copy(), agg)
     # noisy-OR saturates in probability but its logit stays finite and ordered
     low, high = np.full(32, 0.5), np.full(32, 0.6)
     noisy = Aggregation(method="noisy_or")
     assert np.isfinite(score_logit(high, noisy)) and score_logit(high, noisy) > score_logit(
-        low, noisy)
+        low, noisy
+    )
 
 
 def _decision(**thresholds: float) -> StudyDecision:
     return StudyDecision(
         aggregation=Aggregation(method="mean"),
         calibration=Calibration(a=1.0, b=0.0),
-        operating_points=[OperatingPoint(name=n, target="specificity", minimum=0.9, threshold=t)
-                          for n, t in thresholds.items()],
+        operating_points=[
+            OperatingPoint(name=n, target="specificity", minimum=0.9, threshold=t)
+            for n, t in thresholds.items()
+        ],
         fitted_on=FittedOn(n_studies=10, n_patients=10, n_positive=5, n_negative=5),
     )
 
 
-LEVELS = {"levels": [
-    {"operating_point": "urgent", "min_probability": 0.8, "priority": 100, "flag": True},
-    {"operating_point": "review", "priority": 50},
-]}
+LEVELS = {
+    "levels": [
+        {"operating_point": "urgent", "min_probability": 0.8, "priority": 100, "flag": True},
+        {"operating_point": "review", "priority": 50},
+    ]
+}
 
 
 def test_levels_take_thresholds_from_the_card_and_name_the_point_that_fired() -> None:
@@ -170,8 +182,13 @@ def test_levels_without_a_card_decision_fall_back_or_give_a_reason() -> None:
     section = PrioritySection.model_validate(LEVELS)
     reason = resolve_levels(section, None)
     assert isinstance(reason, str) and "'review'" in reason and "validate --fit" in reason
-    both = PrioritySection.model_validate({"levels": [
-        {"operating_point": "urgent", "min_probability": 0.8, "priority": 100, "flag": True}]})
+    both = PrioritySection.model_validate(
+        {
+            "levels": [
+                {"operating_point": "urgent", "min_probability": 0.8, "priority": 100, "flag": True}
+            ]
+        }
+    )
     levels = resolve_levels(both, None)
     assert not isinstance(levels, str) and levels[0].threshold == 0.8
     assert prioritise(0.85, both, None, levels).operating_point is None
@@ -183,8 +200,14 @@ def test_a_level_needs_a_threshold_of_some_kind(tiny) -> None:
     with pytest.raises(PipelineError, match="operating_point or min_probability"):
         tiny.pipeline(priority={"levels": [{"priority": 3}]})
     with pytest.raises(PipelineError, match="one operating_point"):
-        tiny.pipeline(priority={"levels": [{"operating_point": "a", "priority": 3},
-                                           {"operating_point": "a", "priority": 4}]})
+        tiny.pipeline(
+            priority={
+                "levels": [
+                    {"operating_point": "a", "priority": 3},
+                    {"operating_point": "a", "priority": 4},
+                ]
+            }
+        )
 
 
 def test_an_old_card_without_the_field_loads(store: ModelStore) -> None:
@@ -193,9 +216,7 @@ def test_an_old_card_without_the_field_loads(store: ModelStore) -> None:
     assert ModelCard.model_validate(raw).study_decision is None
 
 
-def test_scoring_uses_the_card_decision_and_skips_without_one(
-    tmp_path: Path, tiny
-) -> None:
+def test_scoring_uses_the_card_decision_and_skips_without_one(tmp_path: Path, tiny) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -207,7 +228,8 @@ def test_scoring_uses_the_card_decision_and_skips_without_one(
     assert isinstance(skipped, Skip) and "no study decision" in skipped.reason
 
     decision = _decision(urgent=0.0, review=0.0).model_copy(  # everything reaches urgent
-        update={"calibration": Calibration(a=2.0, b=-1.0)})
+        update={"calibration": Calibration(a=2.0, b=-1.0)}
+    )
     card = v1.card.model_copy(update={"study_decision": decision})
     v2 = store.register("fusion", v1.weights_path, card)
     store.promote("fusion", v2.version)

@@ -51,7 +51,7 @@ def test_minimal_pipeline_gets_defaults(tmp_path: Path) -> None:
         ("[preprocess]\nslicez = 3\n", "unknown key 'preprocess.slicez'"),
         ("[preprocess]\nslices = 0\n", "invalid value for 'preprocess.slices'"),
         ("[preprocess]\nwindow_width = -5\n", "'preprocess.window_width'"),
-        ("[aggregate]\nmethod = \"median\"\n", "'aggregate.method'"),
+        ('[aggregate]\nmethod = "median"\n', "'aggregate.method'"),
         ("[priority]\nrequested = { URGENT = 5 }\n", "'priority.requested.URGENT"),
         (
             "[priority]\nlevels = [{ min_probability = 0.8, priority = 1, flagg = true }]\n",
@@ -64,14 +64,14 @@ def test_minimal_pipeline_gets_defaults(tmp_path: Path) -> None:
             " { min_probability = 0.5, priority = 2 }]\n",
             "'priority.levels': two priority levels",
         ),
-        ("[outputs]\nsc = \"maybe\"\n", "'outputs.sc'"),
+        ('[outputs]\nsc = "maybe"\n', "'outputs.sc'"),
         ("[series]\nmax_axial_deviation_deg = 120\n", "'series.max_axial_deviation_deg'"),
         ("colour = 1\n", "unknown key 'colour'"),
         (
-            "[[models]]\nrole = \"fusion\"\nname = \"other\"\n",
+            '[[models]]\nrole = "fusion"\nname = "other"\n',
             "invalid value for 'models': exactly one",
         ),
-        ("[[models]]\nrole = \"lstm\"\nname = \"x\"\n", "'models.1.role'"),
+        ('[[models]]\nrole = "lstm"\nname = "x"\n', "'models.1.role'"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, extra: str, fragment: str) -> None:

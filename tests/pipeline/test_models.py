@@ -13,9 +13,7 @@ from triaged.pipeline.models import ModelMismatchError, load_models
 from triaged.registry import Architecture, ModelStore
 
 
-def test_live_models_load_and_are_reused_until_the_store_changes(
-    tmp_path: Path, tiny: Any
-) -> None:
+def test_live_models_load_and_are_reused_until_the_store_changes(tmp_path: Path, tiny: Any) -> None:
     store = ModelStore(tmp_path)
     pipeline = tiny.pipeline()
     tiny.register_fusion(store, seed=0)

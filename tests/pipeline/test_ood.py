@@ -34,8 +34,9 @@ FLAG_ALL = {"levels": [{"min_probability": 0.0, "priority": 100, "flag": True}],
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "triaged.cli", *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "triaged.cli", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def noisy_copy(study: SyntheticStudy, dst: Path, seed: int = 0) -> list[Path]:
@@ -75,8 +76,9 @@ def fitted(tmp_path_factory: pytest.TempPathFactory, manifest: Path) -> Path:
     store = ModelStore(root)
     register_fusion(store, seed=0)
     register_cbam(store)
-    out = cli("models", "fit-ood", "fusion:v1", "--data", f"manifest:{manifest}", "--store",
-              str(root))
+    out = cli(
+        "models", "fit-ood", "fusion:v1", "--data", f"manifest:{manifest}", "--store", str(root)
+    )
     assert out.returncode == 0, out.stderr
     assert "registered fusion:v2" in out.stdout
     out = cli("models", "promote", "fusion:v2", "--store", str(root))
@@ -89,8 +91,10 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     root = tmp_path_factory.mktemp("studies")
     like = generate_study(root / "like", seed=5, positive=True, slices=24, size=64)
     other = generate_study(root / "unlike-src", seed=6, positive=False, slices=24, size=64)
-    return {"like": list(like.series_of_kind("axial").paths),
-            "unlike": noisy_copy(other, root / "unlike")}
+    return {
+        "like": list(like.series_of_kind("axial").paths),
+        "unlike": noisy_copy(other, root / "unlike"),
+    }
 
 
 def test_fit_flags_far_vectors_and_not_the_training_ones() -> None:
@@ -150,18 +154,23 @@ def test_unlike_study_is_scored_not_flagged_and_says_why(
     assert not unlike.flag and unlike.priority == 7
     summary = unlike.to_dict()["ood"]
     assert summary["reason"] == reason and summary["distance_share"] == pytest.approx(
-        unlike.ood.slices_beyond / n)
+        unlike.ood.slices_beyond / n
+    )
     assert any(reason in line for line in sr_text(unlike))
 
     files, details, _ = write_results(unlike, tmp_path / "out", "t")
     assert details.summary.ood_reason == reason
     (sr_path,) = [f.path for f in files if f.kind == "SR"]
     sr = pydicom.dcmread(sr_path)
-    texts = [item for item in _walk(sr) if item.get("ValueType") == "TEXT"
-             and item.ConceptNameCodeSequence[0].CodeValue == "121106"]
+    texts = [
+        item
+        for item in _walk(sr)
+        if item.get("ValueType") == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106"
+    ]
     assert [t.TextValue for t in texts] == [reason]
-    check = subprocess.run(["dciodvfy", "-new", str(sr_path)], capture_output=True, text=True,
-                           timeout=60)
+    check = subprocess.run(
+        ["dciodvfy", "-new", str(sr_path)], capture_output=True, text=True, timeout=60
+    )
     errors = [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]
     assert errors == [], check.stderr
 
@@ -216,13 +225,16 @@ def test_altered_fit_is_refused(fitted: Path, tmp_path: Path) -> None:
     store = ModelStore(fitted)
     v2 = store.get("fusion", "v2")
     copy = ModelStore(tmp_path / "m")
-    mv = copy.register("fusion", v2.weights_path, v2.card,
-                       files={ood.OOD_FILE: b"x" + (v2.path / ood.OOD_FILE).read_bytes()})
+    mv = copy.register(
+        "fusion",
+        v2.weights_path,
+        v2.card,
+        files={ood.OOD_FILE: b"x" + (v2.path / ood.OOD_FILE).read_bytes()},
+    )
     with pytest.raises(ood.OodError, match="sha256"):
         ood.load_fit(mv)
 
 
 def test_fit_ood_refuses_a_model_that_is_not_fusion(fitted: Path) -> None:
-    out = cli("models", "fit-ood", "cbam-cnn:v1", "--data", "synthetic:20", "--store",
-              str(fitted))
+    out = cli("models", "fit-ood", "cbam-cnn:v1", "--data", "synthetic:20", "--store", str(fitted))
     assert out.returncode != 0 and "fusion" in out.stderr

@@ -51,9 +51,14 @@ def test_priority_levels_and_requested_bonus(
 
 def test_levels_are_applied_highest_first_whatever_their_order_in_the_file() -> None:
     section = PrioritySection.model_validate(
-        {"levels": [{"min_probability": 0.3, "priority": 10},
-                    {"min_probability": 0.6, "priority": 60, "flag": True}],
-         "default": -5, "sr_threshold": 0.7}
+        {
+            "levels": [
+                {"min_probability": 0.3, "priority": 10},
+                {"min_probability": 0.6, "priority": 60, "flag": True},
+            ],
+            "default": -5,
+            "sr_threshold": 0.7,
+        }
     )
     assert prioritise(0.65, section, None).priority == 60
     assert prioritise(0.4, section, None).priority == 10

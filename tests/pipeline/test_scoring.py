@@ -31,7 +31,11 @@ from triaged.synthetic import SyntheticStudy, generate_study
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> SyntheticStudy:
     return generate_study(
-        tmp_path_factory.mktemp("study"), seed=5, positive=True, slices=24, size=64,
+        tmp_path_factory.mktemp("study"),
+        seed=5,
+        positive=True,
+        slices=24,
+        size=64,
         requested_priority="STAT",
     )
 
@@ -100,8 +104,10 @@ def test_score_feeds_results_and_is_deterministic(
     assert objects.sr.StudyInstanceUID == study.study_instance_uid
     assert objects.sc.Rows >= 64
     summary = result.to_dict()
-    assert summary["key_slice"]["sop_instance_uid"] == result.datasets[
-        result.key_slice_index].SOPInstanceUID
+    assert (
+        summary["key_slice"]["sop_instance_uid"]
+        == result.datasets[result.key_slice_index].SOPInstanceUID
+    )
     assert summary["flag"] == result.flag
 
 
@@ -133,7 +139,11 @@ def test_score_study_picks_the_axial_series_among_localizer_thick_and_phases(
     tmp_path: Path, store: ModelStore, pipeline: Pipeline
 ) -> None:
     s = generate_study(
-        tmp_path, seed=9, positive=True, slices=16, size=48,
+        tmp_path,
+        seed=9,
+        positive=True,
+        slices=16,
+        size=48,
         extra_series=("localizer", "thick", "phase2", "sc"),
     )
     result = score_study([tmp_path], pipeline, load_models(pipeline, store))

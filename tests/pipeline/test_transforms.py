@@ -153,8 +153,13 @@ def test_chain_on_a_synthetic_volume_single_slice_and_odd_sizes() -> None:
     vol = SimpleNamespace(hu=hu, datasets=datasets(30))
     inputs = {"fusion": Preprocessing(size=32), "cbam": Preprocessing(size=24)}
     chain = T.preparation(
-        count=5, threshold=0.02, lung_hu=(-950, -400), level=-600, width=1500,
-        inputs=inputs, loader=lambda s: vol,
+        count=5,
+        threshold=0.02,
+        lung_hu=(-950, -400),
+        level=-600,
+        width=1500,
+        inputs=inputs,
+        loader=lambda s: vol,
     )
     out = chain({T.SERIES: "x"})
     assert len(out[T.INDICES]) == 5
@@ -164,8 +169,13 @@ def test_chain_on_a_synthetic_volume_single_slice_and_odd_sizes() -> None:
 
     one = SimpleNamespace(hu=hu[15:16], datasets=datasets(1))
     single = T.preparation(
-        count=5, threshold=0.02, lung_hu=(-950, -400), level=-600, width=1500,
-        inputs=inputs, loader=lambda s: one,
+        count=5,
+        threshold=0.02,
+        lung_hu=(-950, -400),
+        level=-600,
+        width=1500,
+        inputs=inputs,
+        loader=lambda s: one,
     )({T.SERIES: "x"})
     assert single[T.INDICES].tolist() == [0]
     assert single[T.input_key("fusion")].shape == (1, 1, 32, 32)

@@ -31,8 +31,13 @@ from triaged.training.dicom_data import (
 from triaged.training.preprocess import Preprocessing, read_grey, window_hu
 
 
-def _img(path: Path, size: tuple[int, int] = (40, 30), mode: str = "L", fmt: str | None = None,
-         value: int = 100) -> Path:
+def _img(
+    path: Path,
+    size: tuple[int, int] = (40, 30),
+    mode: str = "L",
+    fmt: str | None = None,
+    value: int = 100,
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.full((size[1], size[0]), value, dtype=np.uint8)
     arr[5:10, 5:10] = 255
@@ -46,8 +51,10 @@ def _covid_ct(root: Path) -> None:
     _img(root / "CT_COVID" / "b.png", mode="RGB", fmt="JPEG")  # JPEG bytes in a .png name
     _img(root / "CT_NonCOVID" / "c.jpg", mode="RGB", fmt="JPEG")
     _img(root / "CT_NonCOVID" / "d.png")
-    listing = {"COVID": {"train": ["a%1.png"], "val": ["b.png"], "test": []},
-               "NonCOVID": {"train": ["c.jpg", ""], "val": [], "test": ["d.png"]}}
+    listing = {
+        "COVID": {"train": ["a%1.png"], "val": ["b.png"], "test": []},
+        "NonCOVID": {"train": ["c.jpg", ""], "val": [], "test": ["d.png"]},
+    }
     for cls, splits in listing.items():
         for split, names in splits.items():
             f = root / "Data-split" / cls / f"{split}CT_{cls}.txt"
@@ -95,8 +102,10 @@ def test_semiseg_layout(tmp_path: Path) -> None:
 
 
 def test_medseg_value_decoding() -> None:
-    assert decode_medseg_values([0, 128, 255], "{1,2}", "0 1 2 (MultiClassInfection-Train)") \
-        == {128: 1, 255: 2}
+    assert decode_medseg_values([0, 128, 255], "{1,2}", "0 1 2 (MultiClassInfection-Train)") == {
+        128: 1,
+        255: 2,
+    }
     assert decode_medseg_values([0, 85, 170, 255], "{1,2,3}", "x") == {85: 1, 170: 2, 255: 3}
     assert decode_medseg_values([0, 85, 255], "{1,3}", "") == {85: 1, 255: 3}
     amb = "AMBIGUOUS single label (1, 2 or 3)"
@@ -115,7 +124,7 @@ def test_medseg_reader_binary_and_multiclass(tmp_path: Path) -> None:
     for i, (z, values, present, semiseg) in enumerate(rows):
         arr = np.zeros((16, 16), dtype=np.uint8)
         for k, v in enumerate(values[1:]):
-            arr[k * 4:(k + 1) * 4, :4] = v
+            arr[k * 4 : (k + 1) * 4, :4] = v
         Image.fromarray(arr).save(tmp_path / f"tr_mask_{z}.png")
         _img(tmp_path / f"tr_im_{z}.png", size=(16, 16))
         lines.append(f"tr_mask_{z}.png,{' '.join(map(str, values))},{present},{i},{semiseg}")
@@ -239,8 +248,12 @@ def test_worklist_label_export_json_and_csv(tmp_path: Path) -> None:
         "labels": [
             {"study_instance_uid": "1.2.1", "label": "non-covid", "spool_paths": ["A"]},
             {"study_instance_uid": "1.2.2", "label": 0, "spool_paths": ["B"]},
-            {"study_instance_uid": "1.2.1", "label": "covid",
-             "spool_paths": [f"A/{series_a.name}"], "labelled_by": "dr.lee"},
+            {
+                "study_instance_uid": "1.2.1",
+                "label": "covid",
+                "spool_paths": [f"A/{series_a.name}"],
+                "labelled_by": "dr.lee",
+            },
         ],
     }
     jpath = tmp_path / "labels.json"

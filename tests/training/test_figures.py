@@ -33,9 +33,12 @@ def one_thread() -> Iterator[None]:
 
 
 def _card(arch: Architecture) -> ModelCard:
-    return ModelCard(architecture=arch,
-                     data=TrainingData(sources=["synthetic phantoms"], split="none (test)"),
-                     preprocessing=Preprocessing(size=SIZE).as_card(), seed=0)
+    return ModelCard(
+        architecture=arch,
+        data=TrainingData(sources=["synthetic phantoms"], split="none (test)"),
+        preprocessing=Preprocessing(size=SIZE).as_card(),
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / "Data-split" / cls).mkdir(parents=True)
         for split in ("train", "val", "test"):
             (root / "Data-split" / cls / f"{split}CT_{cls}.txt").write_text(
-                "\n".join(lists.get((cls, split), [])) + "\n", encoding="utf-8")
+                "\n".join(lists.get((cls, split), [])) + "\n", encoding="utf-8"
+            )
     return root
 
 
@@ -71,12 +75,16 @@ def store(tmp_path_factory: pytest.TempPathFactory, data: Path) -> ModelStore:
     hu, _, _ = generate_slices(6, size=64, seed=1)
     prep = Preprocessing(size=SIZE)
     calibrate_batchnorm(net, [torch.stack([prep(h, "hu") for h in hu])])
-    s.register("fusion", net.state_dict(),
-               _card(Architecture(name="fusion", params=asdict(net.config))))
+    s.register(
+        "fusion", net.state_dict(), _card(Architecture(name="fusion", params=asdict(net.config)))
+    )
     for name, cbam in (("cbam-cnn", True), ("plain-cnn", False)):
         cnn = BaselineCNN(cbam=cbam, size=SIZE)
-        s.register(name, cnn.state_dict(),
-                   _card(Architecture(name="baseline-cnn", params={"cbam": cbam, "size": SIZE})))
+        s.register(
+            name,
+            cnn.state_dict(),
+            _card(Architecture(name="baseline-cnn", params={"cbam": cbam, "size": SIZE})),
+        )
     return s
 
 
@@ -86,13 +94,31 @@ def _is_png(path: Path) -> bool:
 
 def test_cli_writes_every_figure(store: ModelStore, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "figs"
-    status = F.main(["--store", str(store.root), "--data", f"covid-ct:{data}",
-                     "--out", str(out), "--per-class", "2", "--dpi", "40"])
+    status = F.main(
+        [
+            "--store",
+            str(store.root),
+            "--data",
+            f"covid-ct:{data}",
+            "--out",
+            str(out),
+            "--per-class",
+            "2",
+            "--dpi",
+            "40",
+        ]
+    )
     assert status == 0
     names = {p.name for p in out.iterdir()}
-    assert names == {"roc_fusion-v1.png", "roc_cbam-cnn-v1.png", "roc_plain-cnn-v1.png",
-                     "roc_compare.png", "tsne_fusion-v1.png", "cam_fusion-v1.png",
-                     "gradcam_cbam-cnn-v1.png"}
+    assert names == {
+        "roc_fusion-v1.png",
+        "roc_cbam-cnn-v1.png",
+        "roc_plain-cnn-v1.png",
+        "roc_compare.png",
+        "tsne_fusion-v1.png",
+        "cam_fusion-v1.png",
+        "gradcam_cbam-cnn-v1.png",
+    }
     assert all(_is_png(out / n) for n in names)
 
 
@@ -116,8 +142,9 @@ def test_cnn_scores_and_overlays(store: ModelStore, data: Path, tmp_path: Path) 
     roc = F.plot_roc_confusion(scored, tmp_path / "roc.png", dpi=40)
     assert _is_png(roc)
     idx = F.pick_slices(scored.labels, 2)
-    cam = F.cam_figure(store.get("cbam-cnn", "v1"), [test[i] for i in idx],
-                       tmp_path / "cam.png", dpi=40)
+    cam = F.cam_figure(
+        store.get("cbam-cnn", "v1"), [test[i] for i in idx], tmp_path / "cam.png", dpi=40
+    )
     assert _is_png(cam)
 
 
@@ -136,9 +163,11 @@ def test_compare_refuses_different_slices(tmp_path: Path) -> None:
         F.plot_roc_compare([a, b], tmp_path / "c.png")
 
 
-def test_bad_data_spec_is_a_user_error(store: ModelStore, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
-    status = F.main(["--store", str(store.root), "--data", "semiseg:/nowhere",
-                     "--out", str(tmp_path)])
+def test_bad_data_spec_is_a_user_error(
+    store: ModelStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = F.main(
+        ["--store", str(store.root), "--data", "semiseg:/nowhere", "--out", str(tmp_path)]
+    )
     assert status == 2
     assert "covid-ct:PATH" in capsys.readouterr().err

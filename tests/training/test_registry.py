@@ -43,8 +43,10 @@ def test_register_roundtrip_and_layout(tmp_path: Path) -> None:
     assert mv.version == "v1"
     assert (tmp_path / "fusion" / "v1" / "weights.safetensors").is_file()
     card = json.loads((tmp_path / "fusion" / "v1" / "card.json").read_text())
-    assert card["architecture"] == {"name": "cbam_cnn", "params": {"input_size": 32,
-                                                                   "attention": True}}
+    assert card["architecture"] == {
+        "name": "cbam_cnn",
+        "params": {"input_size": 32, "attention": True},
+    }
     assert card["seed"] == 7 and card["code"]["triaged"]
     assert len(card["weights_sha256"]) == 64
     again = store.get("fusion", "v1")
@@ -102,8 +104,9 @@ def test_invalid_names_and_unknown_models(tmp_path: Path) -> None:
 
 def test_card_validation_rejects_unknown_keys() -> None:
     with pytest.raises(ValueError):
-        ModelCard.model_validate({"architecture": {"name": "x"},
-                                  "data": {"sources": ["s"], "split": "x"}, "bogus": 1})
+        ModelCard.model_validate(
+            {"architecture": {"name": "x"}, "data": {"sources": ["s"], "split": "x"}, "bogus": 1}
+        )
     with pytest.raises(ValueError):
         TrainingData(sources=[], split="x")
 
@@ -181,4 +184,3 @@ def test_one_reading_of_a_model_reference(tmp_path: Path) -> None:
     assert store.resolve("m").version == store.resolve("m:live").version == "v1"
     with pytest.raises(ModelNotFoundError):
         store.resolve("m:v9")
-

@@ -63,8 +63,12 @@ def _scoring(study: Path) -> torch.Tensor:
     choice = choose_series(expand([study]), series_rules(SeriesSection()))
     assert isinstance(choice, SeriesChoice)
     chain = T.preparation(
-        count=SLICES, threshold=pre.lung_threshold, lung_hu=pre.lung_hu,
-        level=pre.window_level, width=pre.window_width, inputs={"fusion": PREP},
+        count=SLICES,
+        threshold=pre.lung_threshold,
+        lung_hu=pre.lung_hu,
+        level=pre.window_level,
+        width=pre.window_width,
+        inputs={"fusion": PREP},
     )
     out: torch.Tensor = chain({T.SERIES: choice})[T.input_key("fusion")]
     return out

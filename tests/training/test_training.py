@@ -40,13 +40,25 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Sample]
 
 def test_end_to_end_retrain_registers_and_promotes(tmp_path: Path) -> None:
     opts = RetrainOptions(
-        data=["synthetic:12"], stages=["infnet", "1", "2", "3", "cbam"],
-        init="random", fusion=TINY_FUSION,
-        semi={"input_size": 64, "epochs_first": 1, "epochs_per_round": 1, "chunk": 2,
-              "max_rounds": 2, "batch_size": 4, "scales": [0.75, 1.0]},
+        data=["synthetic:12"],
+        stages=["infnet", "1", "2", "3", "cbam"],
+        init="random",
+        fusion=TINY_FUSION,
+        semi={
+            "input_size": 64,
+            "epochs_first": 1,
+            "epochs_per_round": 1,
+            "chunk": 2,
+            "max_rounds": 2,
+            "batch_size": 4,
+            "scales": [0.75, 1.0],
+        },
         baseline={"size": 64, "epochs": 1, "batch_size": 4},
-        store=tmp_path / "store", run_dir=tmp_path / "run", promote=True,
-        precision="fp32", progress=False,
+        store=tmp_path / "store",
+        run_dir=tmp_path / "run",
+        promote=True,
+        precision="fp32",
+        progress=False,
     )
     result = retrain(opts)
     assert [v.ref for v in result.versions] == ["infnet:v1", "fusion:v1", "cbam-cnn:v1"]
@@ -98,36 +110,49 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]:
     after = model.state_dict()
-    return {k.split(".")[0] for k, v in before.items()
-            if v.dtype.is_floating_point and not torch.equal(v, after[k])}
+    return {
+        k.split(".")[0]
+        for k, v in before.items()
+        if v.dtype.is_floating_point and not torch.equal(v, after[k])
+    }
 
 
-def test_each_stage_changes_only_its_modules(tmp_path: Path,
-                                             phantoms: dict[str, list[Sample]]) -> None:
+def test_each_stage_changes_only_its_modules(
+    tmp_path: Path, phantoms: dict[str, list[Sample]]
+) -> None:
     s = FusionSettings(init="random", **TINY_FUSION)  # type: ignore[arg-type]
     model, _ = build_fusion(s)
     rt = setup_runtime("fp32", "cpu")
-    expected = {1: {"global_branch"}, 2: {"heatmap_branch", "infected_branch"},
-                3: {"fusion_head"}}
+    expected = {1: {"global_branch"}, 2: {"heatmap_branch", "infected_branch"}, 3: {"fusion_head"}}
     for stage, modules in expected.items():
         before = _snapshot(model)
-        run_stage(stage, model, phantoms["train"], phantoms["val"], s, tmp_path / f"s{stage}",
-                  rt, progress=False)
+        run_stage(
+            stage,
+            model,
+            phantoms["train"],
+            phantoms["val"],
+            s,
+            tmp_path / f"s{stage}",
+            rt,
+            progress=False,
+        )
         # Weights *and* BatchNorm statistics of frozen modules stay exactly as they were.
         assert _changed(before, model) == modules, f"stage {stage}"
     assert (tmp_path / "s3" / "features.pt").exists()
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(
-        tmp_path: Path, phantoms: dict[str, list[Sample]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    s = FusionSettings(init="random", input_size=64, infnet_size=32, epochs=3, lr_step=2,
-                       batch_size=4, seed=11)
+    tmp_path: Path, phantoms: dict[str, list[Sample]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = FusionSettings(
+        init="random", input_size=64, infnet_size=32, epochs=3, lr_step=2, batch_size=4, seed=11
+    )
     rt = setup_runtime("fp32", "cpu")
     torch.manual_seed(0)
     straight, _ = build_fusion(s)
-    res = run_stage(1, straight, phantoms["train"], phantoms["val"], s, tmp_path / "a", rt,
-                    progress=False)
+    res = run_stage(
+        1, straight, phantoms["train"], phantoms["val"], s, tmp_path / "a", rt, progress=False
+    )
     assert [row["lr"] for row in res.history] == pytest.approx([0.01, 0.001, 0.001])
 
     from triaged.training import staged
@@ -145,14 +170,16 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(
     torch.manual_seed(0)
     crashed, _ = build_fusion(s)
     with pytest.raises(KeyboardInterrupt):
-        run_stage(1, crashed, phantoms["train"], phantoms["val"], s, tmp_path / "b", rt,
-                  progress=False)
+        run_stage(
+            1, crashed, phantoms["train"], phantoms["val"], s, tmp_path / "b", rt, progress=False
+        )
     assert (tmp_path / "b" / "last.pt").exists() and not (tmp_path / "b" / "done.json").exists()
     monkeypatch.setattr(staged, "head_metrics", real)
     torch.manual_seed(123)  # a fresh process: different initial weights, restored from disk
     resumed, _ = build_fusion(s)
-    res_b = run_stage(1, resumed, phantoms["train"], phantoms["val"], s, tmp_path / "b", rt,
-                      progress=False)
+    res_b = run_stage(
+        1, resumed, phantoms["train"], phantoms["val"], s, tmp_path / "b", rt, progress=False
+    )
     assert [r["loss"] for r in res_b.history] == [r["loss"] for r in res.history]
     for k, v in straight.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
@@ -160,16 +187,17 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(
 
 
 def test_promotion_requires_at_least_the_live_figure(
-        tmp_path: Path, phantoms: dict[str, list[Sample]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, phantoms: dict[str, list[Sample]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from triaged.nets.cbam import BaselineCNN
     from triaged.registry import Architecture, ModelCard, TrainingData
 
     store = ModelStore(tmp_path)
-    card = ModelCard(architecture=Architecture(name="baseline-cnn",
-                                               params={"cbam": True, "size": 64}),
-                     data=TrainingData(sources=["synthetic"], split="x"),
-                     preprocessing={"size": 64})
+    card = ModelCard(
+        architecture=Architecture(name="baseline-cnn", params={"cbam": True, "size": 64}),
+        data=TrainingData(sources=["synthetic"], split="x"),
+        preprocessing={"size": 64},
+    )
     net = BaselineCNN(cbam=True, size=64)
     old = store.register("cbam-cnn", net.state_dict(), card)
     store.promote("cbam-cnn", old.version)
@@ -189,13 +217,25 @@ def test_promotion_requires_at_least_the_live_figure(
     assert ok and store.live("cbam-cnn").version == new.version  # type: ignore[union-attr]
 
 
-def test_cli_reports_user_mistakes_in_one_line(tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_user_mistakes_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli_main(["--data", "nope:1", "--store", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("triaged retrain:") and "\n" not in err and "KIND:PATH" in err
-    assert cli_main(["--data", f"covid-ct:{tmp_path / 'missing'}", "--run-dir",
-                     str(tmp_path / "r"), "--store", str(tmp_path)]) == 2
+    assert (
+        cli_main(
+            [
+                "--data",
+                f"covid-ct:{tmp_path / 'missing'}",
+                "--run-dir",
+                str(tmp_path / "r"),
+                "--store",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["--data", "synthetic:4", "--stages", "9", "--store", str(tmp_path)]) == 2
     assert "unknown stage" in capsys.readouterr().err
@@ -209,8 +249,14 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from triaged.training.loop import Phase, run_phase
     from triaged.training.staged import FeatureSet
 
-    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "WORLD_SIZE": str(world),
+            "RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     rt = setup_runtime("fp32", "cpu")
     torch.manual_seed(100 + rank)  # different initial weights per rank: rank 0's must win
@@ -218,12 +264,21 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(24, 8, generator=g)
     data = FeatureSet(feats, (feats[:, 0] > 0).float())
-    phase = Phase(name="ddp", model=model, params=list(model.parameters()), train_set=data,
-                  loss=lambda b: F.binary_cross_entropy_with_logits(
-                      model(b["features"]).squeeze(1), b["label"]),
-                  evaluate=lambda: {"auc": 0.5},
-                  optimizer=torch.optim.SGD(model.parameters(), lr=0.5), epochs=2,
-                  batch_size=4, select={"": "auc"}, keep="last")
+    phase = Phase(
+        name="ddp",
+        model=model,
+        params=list(model.parameters()),
+        train_set=data,
+        loss=lambda b: F.binary_cross_entropy_with_logits(
+            model(b["features"]).squeeze(1), b["label"]
+        ),
+        evaluate=lambda: {"auc": 0.5},
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        epochs=2,
+        batch_size=4,
+        select={"": "auc"},
+        keep="last",
+    )
     run_phase(phase, Path(out_dir) / "run", rt, progress=False)
     torch.save(model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -263,8 +318,19 @@ def test_explicit_flags_override_cheap_settings() -> None:
 
     p = argparse.ArgumentParser()
     tcli.add_arguments(p)
-    args = p.parse_args(["--data", "covid-ct:/x", "--cheap", "--input-size", "224",
-                         "--epochs", "16", "--lr-step", "12"])
+    args = p.parse_args(
+        [
+            "--data",
+            "covid-ct:/x",
+            "--cheap",
+            "--input-size",
+            "224",
+            "--epochs",
+            "16",
+            "--lr-step",
+            "12",
+        ]
+    )
     opts = tcli.options_from_args(args)
     f = opts.fusion
     assert (f["input_size"], f["epochs"], f["lr_step"], f["batch_size"]) == (224, 16, 12, 16)

@@ -18,15 +18,18 @@ from triaged.registry import ModelStore
 from triaged.synthetic import generate_study
 
 N = 6
-LEVELS = {"levels": [
-    {"operating_point": "urgent", "min_probability": 0.8, "priority": 100, "flag": True},
-    {"operating_point": "review", "min_probability": 0.5, "priority": 50},
-]}
+LEVELS = {
+    "levels": [
+        {"operating_point": "urgent", "min_probability": 0.8, "priority": 100, "flag": True},
+        {"operating_point": "review", "min_probability": 0.5, "priority": 50},
+    ]
+}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "triaged.cli", *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "triaged.cli", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,25 +40,39 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("fit")
     register_fusion(ModelStore(root / "models"), seed=0)
-    pipeline = write_config(root / "pipeline.toml", {
-        **{k: v for k, v in TEST_PIPELINE.items() if k != "models"},
-        "models": [{"role": "fusion", "name": "fusion", "batch_size": 4}],
-        "model_store": str(root / "models"), "priority": LEVELS})
-    write_config(root / "config.toml", {
-        "pipelines": [str(pipeline)],
-        "database": {"url": f"sqlite:///{root / 'worklist.db'}"},
-        "storage": {"spool_dir": str(root / "spool")},
-        "worker": {"torch_threads": 1},
-    })
+    pipeline = write_config(
+        root / "pipeline.toml",
+        {
+            **{k: v for k, v in TEST_PIPELINE.items() if k != "models"},
+            "models": [{"role": "fusion", "name": "fusion", "batch_size": 4}],
+            "model_store": str(root / "models"),
+            "priority": LEVELS,
+        },
+    )
+    write_config(
+        root / "config.toml",
+        {
+            "pipelines": [str(pipeline)],
+            "database": {"url": f"sqlite:///{root / 'worklist.db'}"},
+            "storage": {"spool_dir": str(root / "spool")},
+            "worker": {"torch_threads": 1},
+        },
+    )
     for i in range(N):
-        generate_study(root / "studies" / f"s{i}", seed=70 + i, positive=i % 2 == 0,
-                       slices=10, size=64)
+        generate_study(
+            root / "studies" / f"s{i}", seed=70 + i, positive=i % 2 == 0, slices=10, size=64
+        )
     return root
 
 
 def _score(site: Path) -> dict[str, dict[str, object]]:
-    res = _cli("score", "--json", "--config", str(site / "config.toml"),
-               *[str(site / "studies" / f"s{i}") for i in range(N)])
+    res = _cli(
+        "score",
+        "--json",
+        "--config",
+        str(site / "config.toml"),
+        *[str(site / "studies" / f"s{i}") for i in range(N)],
+    )
     assert res.returncode == 0, res.stderr
     return {e["study_instance_uid"]: e for e in json.loads(res.stdout)}
 
@@ -79,10 +96,17 @@ def test_fit_promote_score_rollback(site: Path) -> None:
     ranked = sorted(before, key=lambda u: before[u]["fusion_probability"])  # type: ignore
     labels = {by_uid[u]: int(n >= N // 2) for n, u in enumerate(ranked)}
     (site / "labels.csv").write_text(
-        "study,label,patient\n" + "".join(f"{s},{y},P{s[-1]}\n" for s, y in labels.items()))
+        "study,label,patient\n" + "".join(f"{s},{y},P{s[-1]}\n" for s, y in labels.items())
+    )
 
-    fitted = _cli("validate", "--config", str(site / "config.toml"), "--labels",
-                  str(site / "labels.csv"), "--fit")
+    fitted = _cli(
+        "validate",
+        "--config",
+        str(site / "config.toml"),
+        "--labels",
+        str(site / "labels.csv"),
+        "--fit",
+    )
     assert fitted.returncode == 0, fitted.stderr
     assert "registered fusion:v2" in fitted.stdout
     assert "fitted on 6 studies (6 patients, 3 positive) scored by fusion:v1" in fitted.stdout
@@ -96,8 +120,10 @@ def test_fit_promote_score_rollback(site: Path) -> None:
 
     listed = _cli("models", "--config", str(site / "config.toml"), "list").stdout
     assert "fusion:v2" in listed and "study decision fitted on 6 studies" in listed
-    assert _cli("models", "--config", str(site / "config.toml"), "promote",
-                "fusion:v2").returncode == 0
+    assert (
+        _cli("models", "--config", str(site / "config.toml"), "promote", "fusion:v2").returncode
+        == 0
+    )
     after = _score(site)
     thresholds = {op.name: op.threshold for op in decision.operating_points}
     for e in after.values():
@@ -107,17 +133,23 @@ def test_fit_promote_score_rollback(site: Path) -> None:
         assert e["raw_probability"] == pytest.approx(raw)
         assert e["calibrated_on"] == N and e["model"]["version"] == "v2"  # type: ignore[index]
         p = float(e["fusion_probability"])  # type: ignore[arg-type]
-        fired = ("urgent" if p >= thresholds["urgent"]
-                 else "review" if p >= thresholds["review"] else None)
+        fired = (
+            "urgent"
+            if p >= thresholds["urgent"]
+            else "review"
+            if p >= thresholds["review"]
+            else None
+        )
         assert e["operating_point"] == fired
         assert e["priority"] == {"urgent": 100, "review": 50, None: 0}[fired]
         assert e["flag"] == (fired == "urgent")
     # the fitted operating points separate the labelled studies as fitted
-    positives = set(ranked[N // 2:])
+    positives = set(ranked[N // 2 :])
     assert all(after[u]["operating_point"] is not None for u in positives)
 
-    assert _cli("models", "--config", str(site / "config.toml"), "rollback",
-                "fusion").returncode == 0
+    assert (
+        _cli("models", "--config", str(site / "config.toml"), "rollback", "fusion").returncode == 0
+    )
     again = _score(site)
     for uid, e in again.items():
         assert e["calibrated_on"] is None and e["operating_point"] is None
@@ -127,9 +159,9 @@ def test_fit_promote_score_rollback(site: Path) -> None:
 
 def test_fit_refuses_labels_of_one_class(site: Path, tmp_path: Path) -> None:
     labels = tmp_path / "labels.csv"
-    labels.write_text("study,label\n" + "".join(
-        f"{site / 'studies' / f's{i}'},0\n" for i in range(2)))
-    res = _cli("validate", "--config", str(site / "config.toml"), "--labels", str(labels),
-               "--fit")
+    labels.write_text(
+        "study,label\n" + "".join(f"{site / 'studies' / f's{i}'},0\n" for i in range(2))
+    )
+    res = _cli("validate", "--config", str(site / "config.toml"), "--labels", str(labels), "--fit")
     assert res.returncode == 2
     assert "positive and negative" in res.stderr

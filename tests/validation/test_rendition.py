@@ -27,7 +27,7 @@ def _image(path: Path, width: int, height: int, seed: int, mode: str = "L") -> n
     """A grey image with every value 0..255 present, saved as ``mode`` (PNG)."""
     rng = np.random.default_rng(seed)
     grey = rng.integers(0, 256, (height, width), dtype=np.uint8)
-    grey[0, :256 if width >= 256 else width] = np.arange(min(width, 256), dtype=np.uint8)
+    grey[0, : 256 if width >= 256 else width] = np.arange(min(width, 256), dtype=np.uint8)
     im = Image.fromarray(grey)
     (im.convert("RGB") if mode == "RGB" else im).save(path)
     return grey
@@ -45,8 +45,10 @@ def covid_ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _image(root / "CT_COVID" / "train-only.png", 100, 100, 4)
     _image(root / "CT_NonCOVID" / "1%0.png", 640, 480, 5, "RGB")
     split = root / "Data-split"
-    for cls, val, train in (("COVID", ["paper-p1-1.png", "other-p3-9.png", "paper-p1-2.png"],
-                             ["train-only.png"]), ("NonCOVID", ["1%0.png"], [])):
+    for cls, val, train in (
+        ("COVID", ["paper-p1-1.png", "other-p3-9.png", "paper-p1-2.png"], ["train-only.png"]),
+        ("NonCOVID", ["1%0.png"], []),
+    ):
         (split / cls).mkdir(parents=True)
         (split / cls / f"valCT_{cls}.txt").write_text("\n".join(val) + "\n")
         (split / cls / f"trainCT_{cls}.txt").write_text("\n".join(train) + "\n")
@@ -60,7 +62,8 @@ def covid_ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sheet.append(["train-only.png", "Patient 9", 60])
     book.save(root / "COVID-CT-MetaInfo.xlsx")
     (root / "NonCOVID-CT-MetaInfo.csv").write_text(
-        ",image name,patient id\r\n0,1%0.png,crawled_patient_1\r\n")
+        ",image name,patient id\r\n0,1%0.png,crawled_patient_1\r\n"
+    )
     return root
 
 
@@ -68,8 +71,23 @@ def covid_ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def rendered(covid_ct: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("rendered") / "val"
     res = subprocess.run(
-        [sys.executable, "-m", "triaged.cli", "render", "covid-ct", "--data", str(covid_ct),
-         "--split", "val", "--out", str(out)], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "triaged.cli",
+            "render",
+            "covid-ct",
+            "--data",
+            str(covid_ct),
+            "--split",
+            "val",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert "3 studies (3 patients, 4 images)" in res.stdout
     return out
@@ -85,15 +103,19 @@ def test_images_are_grouped_by_patient_in_split_order(rendered: Path) -> None:
     assert rows == [
         {"study": "covid-patient-1", "label": "1", "patient": "COVID/Patient 1"},
         {"study": "covid-patient-2", "label": "1", "patient": "COVID/Patient 2"},
-        {"study": "noncovid-crawled-patient-1", "label": "0",
-         "patient": "NonCOVID/crawled_patient_1"},
+        {
+            "study": "noncovid-crawled-patient-1",
+            "label": "0",
+            "patient": "NonCOVID/crawled_patient_1",
+        },
     ]
     files = sorted((rendered / "covid-patient-1").iterdir())
     assert len(files) == 2
     sources = [pydicom.dcmread(f).DerivationDescription for f in files]
     assert "paper-p1-1.png" in sources[0] and "paper-p1-2.png" in sources[1]
-    studies = {pydicom.dcmread(next((rendered / r["study"]).iterdir())).StudyInstanceUID
-               for r in rows}
+    studies = {
+        pydicom.dcmread(next((rendered / r["study"]).iterdir())).StudyInstanceUID for r in rows
+    }
     assert len(studies) == 3
     assert not (rendered / "covid-patient-9").exists()  # another split's patient
 
@@ -127,11 +149,11 @@ def test_hu_maps_back_to_the_original_grey_through_the_lung_window(
     hu = apply_modality_lut(ds.pixel_array, ds)
     grey = read_grey(covid_ct / "CT_COVID" / "paper-p1-1.png")  # 448 x 300: not rescaled
     top, left = (FIELD - grey.shape[0]) // 2, (FIELD - grey.shape[1]) // 2
-    inside = hu[top:top + grey.shape[0], left:left + grey.shape[1]]
+    inside = hu[top : top + grey.shape[0], left : left + grey.shape[1]]
     back = window_hu(inside, pipeline.window_level, pipeline.window_width) * 255.0
     assert np.abs(back - grey.astype(np.float64)).max() <= 1.0
     outside = np.ones(hu.shape, dtype=bool)
-    outside[top:top + grey.shape[0], left:left + grey.shape[1]] = False
+    outside[top : top + grey.shape[0], left : left + grey.shape[1]] = False
     assert np.all(hu[outside] == AIR_HU)
     spacing = [float(v) for v in ds.PixelSpacing]
     assert spacing[0] == spacing[1] == pytest.approx(400.0 / FIELD)
@@ -148,6 +170,21 @@ def test_other_images_are_scaled_to_fit_keeping_their_aspect(rendered: Path) -> 
 
 def test_refuses_a_non_empty_output_folder(covid_ct: Path, rendered: Path) -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "triaged.cli", "render", "covid-ct", "--data", str(covid_ct),
-         "--split", "val", "--out", str(rendered)], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "triaged.cli",
+            "render",
+            "covid-ct",
+            "--data",
+            str(covid_ct),
+            "--split",
+            "val",
+            "--out",
+            str(rendered),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2 and "is not empty" in res.stderr

@@ -57,8 +57,15 @@ def admin_hash() -> str:
 def add_admin(engine: sa.Engine, password_hash: str) -> None:
     """The database admin ``ann`` (hashed once per session: argon2 is slow on purpose)."""
     with Session(engine) as s, s.begin():
-        s.add(User(name="ann", role="admin", password_hash=password_hash, disabled=False,
-                   created_at=utcnow()))
+        s.add(
+            User(
+                name="ann",
+                role="admin",
+                password_hash=password_hash,
+                disabled=False,
+                created_at=utcnow(),
+            )
+        )
 
 
 @dataclass
@@ -85,6 +92,7 @@ class Web:
     def app(self, **overrides: Any) -> FastAPI:
         """The default app (built once), or a new one with ``create_app`` overrides."""
         if self._app is None or overrides:
+
             def echo(name: str) -> tuple[bool, str]:
                 self.echoes.append(name)
                 return (name != "down", "C-ECHO success" if name != "down" else "refused")
@@ -117,9 +125,11 @@ class Web:
 def make_settings(root: Path, rad_hash: str, **web: Any) -> Settings:
     raw = {
         "storage": {"spool_dir": str(root / "spool"), "min_free_mb": 1},
-        "web": {"secret_key": "test-secret-key-0123456789",
-                "users": [{"name": "rad", "role": "radiologist", "password_hash": rad_hash}],
-                **web},
+        "web": {
+            "secret_key": "test-secret-key-0123456789",
+            "users": [{"name": "rad", "role": "radiologist", "password_hash": rad_hash}],
+            **web,
+        },
         "destinations": [
             {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11113},
             {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": 11114},
@@ -133,9 +143,18 @@ def web(engine: sa.Engine, tmp_path: Path, rad_hash: str, admin_hash: str) -> It
     add_admin(engine, admin_hash)
     settings = make_settings(tmp_path, rad_hash)
     settings.storage.spool_dir.mkdir(parents=True)
-    yield Web(engine=engine, root=tmp_path, settings=settings,
-              status={"scp_listening": True, "scheduler_running": True,
-                      "live_model": "fusion:v1", "spool_free_mb": 5000, "min_free_mb": 100})
+    yield Web(
+        engine=engine,
+        root=tmp_path,
+        settings=settings,
+        status={
+            "scp_listening": True,
+            "scheduler_running": True,
+            "live_model": "fusion:v1",
+            "spool_free_mb": 5000,
+            "min_free_mb": 100,
+        },
+    )
 
 
 def login_form(client: TestClient, name: str, password: str, next_url: str = "/") -> Any:
@@ -143,16 +162,24 @@ def login_form(client: TestClient, name: str, password: str, next_url: str = "/"
     page = client.get("/login")
     token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
     assert token, page.text
-    return client.post("/login", data={"username": name, "password": password,
-                                       "csrf_token": token.group(1), "next": next_url})
+    return client.post(
+        "/login",
+        data={
+            "username": name,
+            "password": password,
+            "csrf_token": token.group(1),
+            "next": next_url,
+        },
+    )
 
 
-def png(path: Path, size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 40, 40)
-        ) -> Path:
+def png(
+    path: Path, size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 40, 40)
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.zeros((size[1], size[0], 3), np.uint8)
     arr[..., 0] = np.linspace(0, color[0], size[0], dtype=np.uint8)[None, :]
-    arr[size[1] // 4: 3 * size[1] // 4, size[0] // 4: 3 * size[0] // 4] = color
+    arr[size[1] // 4 : 3 * size[1] // 4, size[0] // 4 : 3 * size[0] // 4] = color
     Image.fromarray(arr).save(path)
     return path
 
@@ -187,14 +214,30 @@ def seed_study(
     now = now or utcnow()
     first = now - timedelta(seconds=received_ago)
     with Session(web.engine) as s, s.begin():
-        st = Study(study_instance_uid=uid, patient_id=f"PAT{n:03d}", accession_number=f"ACC{n:04d}",
-                   study_date=study_date, study_description="CT CHEST", state=state,
-                   state_reason=reason, priority=priority, flag=False, first_received_at=first,
-                   last_received_at=first + timedelta(seconds=5), updated_at=now)
+        st = Study(
+            study_instance_uid=uid,
+            patient_id=f"PAT{n:03d}",
+            accession_number=f"ACC{n:04d}",
+            study_date=study_date,
+            study_description="CT CHEST",
+            state=state,
+            state_reason=reason,
+            priority=priority,
+            flag=False,
+            first_received_at=first,
+            last_received_at=first + timedelta(seconds=5),
+            updated_at=now,
+        )
         s.add(st)
         s.flush()
-        se = Series(study_id=st.id, series_instance_uid=series_uid, modality="CT", series_number=2,
-                    series_description="AXIAL 1mm", created_at=first)
+        se = Series(
+            study_id=st.id,
+            series_instance_uid=series_uid,
+            modality="CT",
+            series_number=2,
+            series_description="AXIAL 1mm",
+            created_at=first,
+        )
         s.add(se)
         s.flush()
         folder = web.spool / uid / series_uid
@@ -202,16 +245,31 @@ def seed_study(
         for i in range(instances):
             p = folder / f"{series_uid}.{i + 1}.dcm"
             p.write_bytes(b"\0")
-            s.add(Instance(study_id=st.id, series_id=se.id,
-                           sop_instance_uid=f"{series_uid}.{i + 1}",
-                           sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                           transfer_syntax_uid="1.2.840.10008.1.2.1", instance_number=i + 1,
-                           path=str(p), size_bytes=1, received_at=first, file_missing=False))
+            s.add(
+                Instance(
+                    study_id=st.id,
+                    series_id=se.id,
+                    sop_instance_uid=f"{series_uid}.{i + 1}",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    instance_number=i + 1,
+                    path=str(p),
+                    size_bytes=1,
+                    received_at=first,
+                    file_missing=False,
+                )
+            )
         s.add(StudyEvent(study_id=st.id, state="RECEIVING", at=first))
         if state != "RECEIVING":
             st.completed_at = first + timedelta(seconds=35)
-            s.add(StudyEvent(study_id=st.id, state="COMPLETE", reason="quiet period elapsed",
-                             at=st.completed_at))
+            s.add(
+                StudyEvent(
+                    study_id=st.id,
+                    state="COMPLETE",
+                    reason="quiet period elapsed",
+                    at=st.completed_at,
+                )
+            )
             s.add(StudyEvent(study_id=st.id, state="QUEUED", at=st.completed_at))
         if scored is not None:
             _add_result(web, s, st, series_uid, scored, deliveries, now)
@@ -220,33 +278,63 @@ def seed_study(
     return uid
 
 
-def _add_result(web: Web, s: Session, st: Study, series_uid: str, scored: Mapping[str, Any],
-                deliveries: Any, now: datetime) -> Result:
+def _add_result(
+    web: Web,
+    s: Session,
+    st: Study,
+    series_uid: str,
+    scored: Mapping[str, Any],
+    deliveries: Any,
+    now: datetime,
+) -> Result:
     done = (st.completed_at or now) + timedelta(seconds=4)
-    job = Job(study_id=st.id, kind="score", state="DONE", attempts=1, created_at=st.completed_at,
-              started_at=st.completed_at, finished_at=done)
+    job = Job(
+        study_id=st.id,
+        kind="score",
+        state="DONE",
+        attempts=1,
+        created_at=st.completed_at,
+        started_at=st.completed_at,
+        finished_at=done,
+    )
     s.add(job)
     s.flush()
     details = ResultDetails(
-        sr_text=scored.get("sr", ["Finding: COVID-19 (SNOMED CT 840539006)",
-                                  f"Probability {scored.get('fusion', 0.5):.2f}"]),
-        summary=ScoreSummary(threshold=scored.get("threshold", 0.5),
-                             **scored.get("decision", {})),
+        sr_text=scored.get(
+            "sr",
+            [
+                "Finding: COVID-19 (SNOMED CT 840539006)",
+                f"Probability {scored.get('fusion', 0.5):.2f}",
+            ],
+        ),
+        summary=ScoreSummary(threshold=scored.get("threshold", 0.5), **scored.get("decision", {})),
         slice_indices=scored.get("slice_indices"),
     )
     if scored.get("images", True):
         folder = web.results / st.study_instance_uid
-        details.images = {"heatmap": str(png(folder / "heatmap.png", color=(230, 60, 30))),
-                          "infected": str(png(folder / "infected.png", color=(40, 200, 90)))}
+        details.images = {
+            "heatmap": str(png(folder / "heatmap.png", color=(230, 60, 30))),
+            "infected": str(png(folder / "infected.png", color=(40, 200, 90))),
+        }
     flag = bool(scored.get("flag", False))
     slices = list(scored.get("slices", [0.1, 0.2, 0.7, 0.9, 0.4, 0.1]))
-    r = Result(study_id=st.id, job_id=job.id, pipeline="covid-ct", series_instance_uid=series_uid,
-               fusion_probability=scored.get("fusion"), cbam_probability=scored.get("cbam"),
-               models={"fusion": "fusion:v1", "cbam": "cbam:v1"}, slice_probabilities=slices,
-               key_slice=scored.get("key", int(np.argmax(slices))), timings={"score": 3.2},
-               priority=int(scored.get("priority", st.priority)), flag=flag,
-               details=details.to_json(),
-               superseded=False, created_at=now)
+    r = Result(
+        study_id=st.id,
+        job_id=job.id,
+        pipeline="covid-ct",
+        series_instance_uid=series_uid,
+        fusion_probability=scored.get("fusion"),
+        cbam_probability=scored.get("cbam"),
+        models={"fusion": "fusion:v1", "cbam": "cbam:v1"},
+        slice_probabilities=slices,
+        key_slice=scored.get("key", int(np.argmax(slices))),
+        timings={"score": 3.2},
+        priority=int(scored.get("priority", st.priority)),
+        flag=flag,
+        details=details.to_json(),
+        superseded=False,
+        created_at=now,
+    )
     s.add(r)
     s.flush()
     st.flag = flag
@@ -256,10 +344,21 @@ def _add_result(web: Web, s: Session, st: Study, series_uid: str, scored: Mappin
     s.add(StudyEvent(study_id=st.id, state="SCORING", at=job.started_at))
     s.add(StudyEvent(study_id=st.id, state="SCORED", at=job.finished_at))
     for dest, kind, dstate, err in deliveries:
-        s.add(Delivery(study_id=st.id, result_id=r.id, destination=dest, object_kind=kind,
-                       sop_instance_uid=f"{st.study_instance_uid}.9.{kind}", path="/dev/null",
-                       state=dstate, attempts=1 if dstate != "DEAD" else 8, last_error=err,
-                       delivered_at=now if dstate == "DELIVERED" else None, created_at=now))
+        s.add(
+            Delivery(
+                study_id=st.id,
+                result_id=r.id,
+                destination=dest,
+                object_kind=kind,
+                sop_instance_uid=f"{st.study_instance_uid}.9.{kind}",
+                path="/dev/null",
+                state=dstate,
+                attempts=1 if dstate != "DEAD" else 8,
+                last_error=err,
+                delivered_at=now if dstate == "DELIVERED" else None,
+                created_at=now,
+            )
+        )
     if deliveries and all(d[2] == "DELIVERED" for d in deliveries):
         st.state = "DELIVERED"
         st.delivered_at = (job.finished_at or now) + timedelta(seconds=2)
@@ -271,4 +370,5 @@ def _add_result(web: Web, s: Session, st: Study, series_uid: str, scored: Mappin
 def seed(web: Web) -> Callable[..., str]:
     def make(n: int, **kw: Any) -> str:
         return seed_study(web, n, **kw)
+
     return make

@@ -32,8 +32,10 @@ Seed = Callable[..., str]
 
 def audit_rows(web: Web) -> list[tuple[str | None, str, str | None, str | None]]:
     with Session(web.engine) as s:
-        return [(a.user_name, a.action, a.target, a.client)
-                for a in s.scalars(sa.select(AuditEntry).order_by(AuditEntry.id))]
+        return [
+            (a.user_name, a.action, a.target, a.client)
+            for a in s.scalars(sa.select(AuditEntry).order_by(AuditEntry.id))
+        ]
 
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -43,21 +45,43 @@ def scenario(seed: Seed) -> dict[str, str]:
     """A small worklist: two flagged (different priority), one negative, one waiting, one
     skipped, one with a dead delivery."""
     return {
-        "old_neg": seed(1, received_ago=5000, study_date="20250101",
-                        scored={"fusion": 0.12, "cbam": 0.2, "flag": False, "priority": 0},
-                        deliveries=[("pacs", "SR", "DELIVERED", None)]),
-        "pos_low": seed(2, received_ago=4000, study_date="20250201",
-                        scored={"fusion": 0.81, "cbam": 0.7, "flag": True, "priority": 50}),
-        "pos_high": seed(3, received_ago=100, study_date="20250301",
-                         scored={"fusion": 0.97, "cbam": 0.9, "flag": True, "priority": 90}),
+        "old_neg": seed(
+            1,
+            received_ago=5000,
+            study_date="20250101",
+            scored={"fusion": 0.12, "cbam": 0.2, "flag": False, "priority": 0},
+            deliveries=[("pacs", "SR", "DELIVERED", None)],
+        ),
+        "pos_low": seed(
+            2,
+            received_ago=4000,
+            study_date="20250201",
+            scored={"fusion": 0.81, "cbam": 0.7, "flag": True, "priority": 50},
+        ),
+        "pos_high": seed(
+            3,
+            received_ago=100,
+            study_date="20250301",
+            scored={"fusion": 0.97, "cbam": 0.9, "flag": True, "priority": 90},
+        ),
         "queued": seed(4, received_ago=7000, study_date="20250401", state="QUEUED"),
-        "skipped": seed(5, received_ago=3000, study_date="20250402", state="SKIPPED",
-                        reason="no axial CT series"),
-        "dead": seed(6, received_ago=2000, study_date="20250403",
-                     scored={"fusion": 0.3, "cbam": 0.25, "flag": False, "priority": 0},
-                     deliveries=[("pacs", "SR", "DELIVERED", None),
-                                 ("pacs", "SEG", "DEAD", "C-STORE refused: 0xA700 out of "
-                                  "resources")]),
+        "skipped": seed(
+            5,
+            received_ago=3000,
+            study_date="20250402",
+            state="SKIPPED",
+            reason="no axial CT series",
+        ),
+        "dead": seed(
+            6,
+            received_ago=2000,
+            study_date="20250403",
+            scored={"fusion": 0.3, "cbam": 0.25, "flag": False, "priority": 0},
+            deliveries=[
+                ("pacs", "SR", "DELIVERED", None),
+                ("pacs", "SEG", "DEAD", "C-STORE refused: 0xA700 out of resources"),
+            ],
+        ),
     }
 
 
@@ -71,8 +95,9 @@ def test_worklist_order_and_fields(web: Web, seed: Seed) -> None:
     r = c.get("/api/studies")
     assert r.status_code == 200
     # priority first, then the longest waiting
-    assert uids(r) == [ids[k] for k in ("pos_high", "pos_low", "queued", "old_neg",
-                                        "skipped", "dead")]
+    assert uids(r) == [
+        ids[k] for k in ("pos_high", "pos_low", "queued", "old_neg", "skipped", "dead")
+    ]
     rows = {s["study_instance_uid"]: s for s in r.json()["studies"]}
     high = rows[ids["pos_high"]]
     assert high["flag"] is True and high["fusion_probability"] == pytest.approx(0.97)
@@ -83,8 +108,12 @@ def test_worklist_order_and_fields(web: Web, seed: Seed) -> None:
     assert rows[ids["skipped"]]["state"] == "SKIPPED"
     assert rows[ids["skipped"]]["state_reason"] == "no axial CT series"
     dead = rows[ids["dead"]]["deliveries"]
-    assert dead == {"pending": 0, "delivered": 1, "dead": 1,
-                    "last_error": "C-STORE refused: 0xA700 out of resources"}
+    assert dead == {
+        "pending": 0,
+        "delivered": 1,
+        "dead": 1,
+        "last_error": "C-STORE refused: 0xA700 out of resources",
+    }
     assert rows[ids["old_neg"]]["state"] == "DELIVERED"
     assert rows[ids["queued"]]["fusion_probability"] is None
 
@@ -126,14 +155,21 @@ def test_study_detail_api_and_audit(web: Web, seed: Seed) -> None:
     d = c.get(f"/api/studies/{uid}").json()
     assert d["study"]["study_instance_uid"] == uid
     res = d["result"]
-    assert res["images"] == {"heatmap": f"/api/studies/{uid}/images/heatmap",
-                             "infected": f"/api/studies/{uid}/images/infected"}
+    assert res["images"] == {
+        "heatmap": f"/api/studies/{uid}/images/heatmap",
+        "infected": f"/api/studies/{uid}/images/infected",
+    }
     assert res["slice_probabilities"][3] == pytest.approx(0.9) and res["key_slice"] == 3
     assert res["sr_text"][0].startswith("Finding: COVID-19")
     assert [x["state"] for x in d["deliveries"]] == ["DEAD", "DELIVERED"]
     assert d["deliveries"][0]["last_error"].startswith("C-STORE refused")
-    assert [e["state"] for e in d["timeline"]] == ["RECEIVING", "COMPLETE", "QUEUED", "SCORING",
-                                                  "SCORED"]
+    assert [e["state"] for e in d["timeline"]] == [
+        "RECEIVING",
+        "COMPLETE",
+        "QUEUED",
+        "SCORING",
+        "SCORED",
+    ]
     assert d["series"][0]["instances"] == 3
     assert c.get("/api/studies/9.9.9").status_code == 404
     assert audit_rows(web)[-1] == ("rad", "view_study", uid, "testclient")
@@ -155,8 +191,15 @@ def test_study_revision_follows_what_the_page_shows(web: Web, seed: Seed) -> Non
     with Session(web.engine) as s, s.begin():
         st = s.scalars(sa.select(Study).where(Study.study_instance_uid == uid)).one()
         series_uid = f"{uid}.1"
-        _add_result(web, s, st, series_uid, {"fusion": 0.9, "flag": True, "priority": 9},
-                    [("pacs", "SR", "PENDING", None)], utcnow())
+        _add_result(
+            web,
+            s,
+            st,
+            series_uid,
+            {"fusion": 0.9, "flag": True, "priority": 9},
+            [("pacs", "SR", "PENDING", None)],
+            utcnow(),
+        )
     scored = rev()
     assert scored["state"] == "SCORED" and scored["revision"] != first["revision"]
     with Session(web.engine) as s, s.begin():  # a retry changes only the delivery row
@@ -194,8 +237,19 @@ def test_study_page(web: Web, seed: Seed) -> None:
 
 
 def test_study_page_shows_the_calibration_and_the_operating_point(web: Web, seed: Seed) -> None:
-    uid = seed(8, scored={"fusion": 0.62, "flag": True, "priority": 100, "decision": {
-        "raw_probability": 0.991, "operating_point": "urgent", "calibrated_on": 40}})
+    uid = seed(
+        8,
+        scored={
+            "fusion": 0.62,
+            "flag": True,
+            "priority": 100,
+            "decision": {
+                "raw_probability": 0.991,
+                "operating_point": "urgent",
+                "calibrated_on": 40,
+            },
+        },
+    )
     c = web.client("radiologist")
     html = c.get(f"/studies/{uid}").text
     assert "calibrated on 40 validation studies" in html and "<strong>urgent</strong>" in html
@@ -208,17 +262,25 @@ def test_study_page_shows_the_calibration_and_the_operating_point(web: Web, seed
 
 def _plot(html: str) -> ET.Element:
     start = html.index('<svg class="slice-plot"')
-    return ET.fromstring(html[start:html.index("</svg>", start) + len("</svg>")])
+    return ET.fromstring(html[start : html.index("</svg>", start) + len("</svg>")])
 
 
-def test_study_plot_uses_scored_positions_and_the_pipeline_threshold(web: Web,
-                                                                     seed: Seed) -> None:
+def test_study_plot_uses_scored_positions_and_the_pipeline_threshold(web: Web, seed: Seed) -> None:
     """Six slices scored out of a 40-slice series: the key slice is series position 23,
     the fourth scored slice; the pipeline's threshold is 0.3, not the default 0.5."""
     probs = [0.1, 0.2, 0.7, 0.9, 0.4, 0.1]
-    uid = seed(7, scored={"fusion": 0.9, "flag": True, "priority": 90, "slices": probs,
-                          "slice_indices": [5, 11, 17, 23, 29, 35], "key": 23,
-                          "threshold": 0.3})
+    uid = seed(
+        7,
+        scored={
+            "fusion": 0.9,
+            "flag": True,
+            "priority": 90,
+            "slices": probs,
+            "slice_indices": [5, 11, 17, 23, 29, 35],
+            "key": 23,
+            "threshold": 0.3,
+        },
+    )
     c = web.client("radiologist")
     svg = _plot(c.get(f"/studies/{uid}").text)
     line = svg.find(f"{SVG}polyline")
@@ -229,8 +291,7 @@ def test_study_plot_uses_scored_positions_and_the_pipeline_threshold(web: Web,
     assert float(key.attrib["x1"]) == pytest.approx(pts[3][0], abs=0.1)
     grid = sorted(float(e.attrib["y1"]) for e in lines if e.attrib.get("class") == "grid")
     thr = next(e for e in lines if e.attrib.get("class") == "threshold")
-    assert float(thr.attrib["y1"]) == pytest.approx(grid[-1] - 0.3 * (grid[-1] - grid[0]),
-                                                    abs=0.1)
+    assert float(thr.attrib["y1"]) == pytest.approx(grid[-1] - 0.3 * (grid[-1] - grid[0]), abs=0.1)
     title = svg.find(f"{SVG}title")
     assert title is not None and title.text is not None
     assert "3 at or above 0.30" in title.text and title.text.endswith("key slice 24")
@@ -254,17 +315,20 @@ def test_study_page_plots_what_the_worker_wrote(web: Web, seed: Seed, tmp_path: 
     register_cbam(store)
     pipeline = make_pipeline(priority={"sr_threshold": 0.3})
     study = generate_study(tmp_path / "s", seed=5, positive=True, slices=24, size=64)
-    score = score_study(study.series_of_kind("axial").paths, pipeline,
-                        load_models(pipeline, store))
+    score = score_study(study.series_of_kind("axial").paths, pipeline, load_models(pipeline, store))
     assert isinstance(score, StudyScore)
     position = list(score.slice_indices).index(score.key_slice_index)
     assert len(score.slice_indices) == 8 and position != score.key_slice_index
     _, details, _ = write_results(score, tmp_path / "out", "t")
     uid = seed(9, scored={"fusion": score.fusion_probability, "priority": score.priority})
     with Session(web.engine) as s, s.begin():
-        s.execute(sa.update(Result).values(
-            details=details.to_json(), key_slice=score.key_slice_index,
-            slice_probabilities=list(score.fusion_slice_probabilities)))
+        s.execute(
+            sa.update(Result).values(
+                details=details.to_json(),
+                key_slice=score.key_slice_index,
+                slice_probabilities=list(score.fusion_slice_probabilities),
+            )
+        )
     svg = _plot(web.client("radiologist").get(f"/studies/{uid}").text)
     line = svg.find(f"{SVG}polyline")
     assert line is not None
@@ -274,24 +338,33 @@ def test_study_page_plots_what_the_worker_wrote(web: Web, seed: Seed, tmp_path: 
     assert float(key.attrib["x1"]) == pytest.approx(xs[position], abs=0.1)
     grid = sorted(float(e.attrib["y1"]) for e in lines if e.attrib.get("class") == "grid")
     thr = next(e for e in lines if e.attrib.get("class") == "threshold")
-    assert float(thr.attrib["y1"]) == pytest.approx(grid[-1] - 0.3 * (grid[-1] - grid[0]),
-                                                    abs=0.1)
+    assert float(thr.attrib["y1"]) == pytest.approx(grid[-1] - 0.3 * (grid[-1] - grid[0]), abs=0.1)
 
 
-def test_result_details_of_the_previous_version_and_damaged_ones_load(web: Web,
-                                                                      seed: Seed) -> None:
-    uid = seed(8, scored={"fusion": 0.8, "flag": True, "priority": 50, "key": 12,
-                          "slices": [0.2, 0.8, 0.3]})
+def test_result_details_of_the_previous_version_and_damaged_ones_load(web: Web, seed: Seed) -> None:
+    uid = seed(
+        8,
+        scored={"fusion": 0.8, "flag": True, "priority": 50, "key": 12, "slices": [0.2, 0.8, 0.3]},
+    )
     folder = web.results / uid
     old = {  # exactly what processing.write_results stored before the typed schema
-        "images": {"heatmap": str(folder / "heatmap.png"),
-                   "infected": str(folder / "infected.png")},
+        "images": {
+            "heatmap": str(folder / "heatmap.png"),
+            "infected": str(folder / "infected.png"),
+        },
         "sr_text": ["Finding: COVID-19 (SNOMED CT 840539006)"],
-        "summary": {"pipeline": "covid-ct:1", "threshold": 0.42, "positive": True,
-                    "model": {"name": "fusion", "version": "v1"}, "cbam_model": None,
-                    "key_slice": {"index": 12, "sop_instance_uid": "1.2.3"},
-                    "top_slices": [{"index": 12, "sop_instance_uid": "1.2.3"}],
-                    "infected_pixels": {"12": 40}, "outputs": ["sr"], "timings": {"a": 1.0}},
+        "summary": {
+            "pipeline": "covid-ct:1",
+            "threshold": 0.42,
+            "positive": True,
+            "model": {"name": "fusion", "version": "v1"},
+            "cbam_model": None,
+            "key_slice": {"index": 12, "sop_instance_uid": "1.2.3"},
+            "top_slices": [{"index": 12, "sop_instance_uid": "1.2.3"}],
+            "infected_pixels": {"12": 40},
+            "outputs": ["sr"],
+            "timings": {"a": 1.0},
+        },
         "slice_indices": [4, 12, 20],
         "cbam_slice_probabilities": None,
         "objects": {"SR": {"sop_instance_uid": "1.2.4", "path": "/x/SR.dcm"}},
@@ -339,14 +412,19 @@ def test_feedback_api(web: Web, seed: Seed) -> None:
     body = r.json()
     assert body["user"] == "rad" and body["label"] == "covid" and body["note"] == "GGO both"
     # refuting a negative finding means it is COVID-19; confirming it means it is not
-    assert c.post(f"/api/studies/{neg}/feedback",
-                  json={"verdict": "refute"}).json()["label"] == "covid"
-    assert c.post(f"/api/studies/{neg}/feedback",
-                  json={"verdict": "confirm"}).json()["label"] == "non-covid"
-    assert c.post(f"/api/studies/{pos}/feedback",
-                  json={"verdict": "maybe"}).status_code == 422
-    assert c.post(f"/api/studies/{ids['queued']}/feedback",
-                  json={"verdict": "confirm"}).status_code == 409
+    assert (
+        c.post(f"/api/studies/{neg}/feedback", json={"verdict": "refute"}).json()["label"]
+        == "covid"
+    )
+    assert (
+        c.post(f"/api/studies/{neg}/feedback", json={"verdict": "confirm"}).json()["label"]
+        == "non-covid"
+    )
+    assert c.post(f"/api/studies/{pos}/feedback", json={"verdict": "maybe"}).status_code == 422
+    assert (
+        c.post(f"/api/studies/{ids['queued']}/feedback", json={"verdict": "confirm"}).status_code
+        == 409
+    )
     assert c.post("/api/studies/9.9.9/feedback", json={"verdict": "confirm"}).status_code == 404
     listed = c.get(f"/api/studies/{neg}/feedback").json()
     assert [f["verdict"] for f in listed] == ["refute", "confirm"]
@@ -359,8 +437,10 @@ def test_feedback_form_shows_on_page(web: Web, seed: Seed) -> None:
     uid = seed(1, scored={"fusion": 0.9, "flag": True, "priority": 9})
     c = web.client("radiologist")
     token = c.headers["X-CSRF-Token"]
-    r = c.post(f"/studies/{uid}/feedback",
-               data={"verdict": "refute", "note": "<b>old scar</b>", "csrf_token": token})
+    r = c.post(
+        f"/studies/{uid}/feedback",
+        data={"verdict": "refute", "note": "<b>old scar</b>", "csrf_token": token},
+    )
     assert r.status_code == 303 and r.headers["location"] == f"/studies/{uid}#feedback"
     html = c.get(f"/studies/{uid}").text
     assert "✗ refuted" in html and "&lt;b&gt;old scar&lt;/b&gt;" in html  # escaped
@@ -416,7 +496,10 @@ def test_labels_export_is_read_by_retrain(web: Web, seed: Seed, tmp_path: Path) 
     assert export["spool_root"] == str(web.spool.resolve())
     by_uid = {x["study_instance_uid"]: x for x in export["labels"]}
     assert {u: x["label"] for u, x in by_uid.items()} == {
-        ids["pos_high"]: "covid", ids["old_neg"]: "non-covid", ids["pos_low"]: "non-covid"}
+        ids["pos_high"]: "covid",
+        ids["old_neg"]: "non-covid",
+        ids["pos_low"]: "non-covid",
+    }
     high = by_uid[ids["pos_high"]]
     assert high["spool_paths"] == [f"{ids['pos_high']}/{ids['pos_high']}.1"]
     assert high["labelled_by"] == "rad" and high["probability"] == pytest.approx(0.97)
@@ -441,10 +524,14 @@ def test_labels_export_is_read_by_retrain(web: Web, seed: Seed, tmp_path: Path) 
 def _store(root: Path) -> ModelStore:
     store = ModelStore(root)
     for acc in (0.81, 0.86):
-        card = ModelCard(architecture=Architecture(name="fusion", params={}),
-                         data=TrainingData(sources=["synthetic:8"], split="seeded 80/20",
-                                           counts={"train": 8, "val": 2}),
-                         metrics={"accuracy": acc, "f1": acc - 0.01}, seed=1)
+        card = ModelCard(
+            architecture=Architecture(name="fusion", params={}),
+            data=TrainingData(
+                sources=["synthetic:8"], split="seeded 80/20", counts={"train": 8, "val": 2}
+            ),
+            metrics={"accuracy": acc, "f1": acc - 0.01},
+            seed=1,
+        )
         store.register("fusion", {"w": torch.zeros(2)}, card)
     store.promote("fusion", "v1")
     return store
@@ -470,13 +557,17 @@ def test_admin_models_promote_rollback(web: Web, tmp_path: Path) -> None:
     # the page and its forms
     page = c.get("/admin").text
     assert "fusion" in page and "accuracy 0.860" in page and "Promote" in page
-    r = c.post("/admin/models/fusion/promote",
-               data={"version": "v2", "csrf_token": c.headers["X-CSRF-Token"]})
+    r = c.post(
+        "/admin/models/fusion/promote",
+        data={"version": "v2", "csrf_token": c.headers["X-CSRF-Token"]},
+    )
     assert r.status_code == 303 and web.store.live("fusion").version == "v2"
     acts = [a for a in audit_rows(web) if a[1] in ("promote_model", "rollback_model")]
-    assert [(a[1], a[2]) for a in acts] == [("promote_model", "fusion:v2"),
-                                            ("rollback_model", "fusion:v1"),
-                                            ("promote_model", "fusion:v2")]
+    assert [(a[1], a[2]) for a in acts] == [
+        ("promote_model", "fusion:v2"),
+        ("rollback_model", "fusion:v1"),
+        ("promote_model", "fusion:v2"),
+    ]
     assert ("ann", "view_admin", None, "testclient") in audit_rows(web)
 
 
@@ -491,9 +582,14 @@ def test_destinations_and_echo(web: Web) -> None:
     c = web.client("admin")
     dests = c.get("/api/admin/destinations").json()
     assert [(d["name"], d["ae_title"], d["port"]) for d in dests] == [
-        ("pacs", "PACS", 11113), ("down", "DOWN", 11114)]
+        ("pacs", "PACS", 11113),
+        ("down", "DOWN", 11114),
+    ]
     assert c.post("/api/admin/destinations/pacs/echo").json() == {
-        "destination": "pacs", "ok": True, "message": "C-ECHO success"}
+        "destination": "pacs",
+        "ok": True,
+        "message": "C-ECHO success",
+    }
     assert c.post("/api/admin/destinations/down/echo").json()["ok"] is False
     assert c.post("/api/admin/destinations/nope/echo").status_code == 404
     assert web.echoes == ["pacs", "down"]
@@ -518,23 +614,32 @@ def test_dead_deliveries_are_counted_and_retried(web: Web, seed: Seed) -> None:
     assert "Retry 1 dead" in c.get("/admin").text
     assert web.client("radiologist").post("/api/admin/destinations/pacs/retry").status_code == 403
     assert c.post("/api/admin/destinations/down/retry").json() == {
-        "destination": "down", "requeued": 0}
+        "destination": "down",
+        "requeued": 0,
+    }
     assert c.post("/api/admin/destinations/nope/retry").status_code == 404
     assert c.post("/api/admin/destinations/pacs/retry").json() == {
-        "destination": "pacs", "requeued": 1}
+        "destination": "pacs",
+        "requeued": 1,
+    }
     with Session(web.engine) as s:
         st = s.scalars(sa.select(Study).where(Study.study_instance_uid == ids["dead"])).one()
         assert (st.state, st.state_reason) == ("SCORED", "deliveries requeued")
-        rows = s.execute(sa.select(Delivery.object_kind, Delivery.state, Delivery.attempts)
-                         .where(Delivery.study_id == st.id)
-                         .order_by(Delivery.object_kind)).all()
+        rows = s.execute(
+            sa.select(Delivery.object_kind, Delivery.state, Delivery.attempts)
+            .where(Delivery.study_id == st.id)
+            .order_by(Delivery.object_kind)
+        ).all()
     assert [tuple(r) for r in rows] == [("SEG", "PENDING", 0), ("SR", "DELIVERED", 1)]
     dests = {d["name"]: d for d in c.get("/api/admin/destinations").json()}
     assert (dests["pacs"]["pending"], dests["pacs"]["dead"]) == (1, 0)
     page = c.post("/admin/destinations/pacs/retry", data={"csrf_token": c.headers["X-CSRF-Token"]})
     assert page.status_code == 200 and "pacs: 0 dead-lettered object(s) requeued" in page.text
     assert [a[2:] for a in audit_rows(web) if a[1] == "retry_deliveries"] == [
-        ("down", "testclient"), ("pacs", "testclient"), ("pacs", "testclient")]
+        ("down", "testclient"),
+        ("pacs", "testclient"),
+        ("pacs", "testclient"),
+    ]
 
 
 def test_healthz(web: Web) -> None:
@@ -543,10 +648,19 @@ def test_healthz(web: Web) -> None:
     assert r.status_code == 200
     checks = r.json()["checks"]
     assert {k: v["ok"] for k, v in checks.items()} == {
-        "database": True, "spool": True, "scp": True, "scheduler": True, "model": True}
+        "database": True,
+        "spool": True,
+        "scp": True,
+        "scheduler": True,
+        "model": True,
+    }
     assert checks["model"]["detail"] == "fusion:v1"
-    for key, bad in [("scp_listening", False), ("scheduler_running", False),
-                     ("live_model", None), ("spool_free_mb", 10)]:
+    for key, bad in [
+        ("scp_listening", False),
+        ("scheduler_running", False),
+        ("live_model", None),
+        ("spool_free_mb", 10),
+    ]:
         before = web.status[key]
         web.status[key] = bad
         r = c.get("/healthz")
@@ -580,9 +694,17 @@ def _sample(text: str, name: str) -> float:
 def test_metrics(web: Web, seed: Seed) -> None:
     scenario(seed)
     with Session(web.engine) as s, s.begin():
-        s.add(Job(study_id=s.scalar(sa.select(Study.id).where(
-            Study.study_instance_uid == study_uid(4))), kind="score", state="QUEUED",
-            attempts=0, created_at=s.scalar(sa.select(sa.func.min(Study.updated_at)))))
+        s.add(
+            Job(
+                study_id=s.scalar(
+                    sa.select(Study.id).where(Study.study_instance_uid == study_uid(4))
+                ),
+                kind="score",
+                state="QUEUED",
+                attempts=0,
+                created_at=s.scalar(sa.select(sa.func.min(Study.updated_at))),
+            )
+        )
     r = web.client().get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     t = r.text
@@ -616,11 +738,23 @@ def test_metrics(web: Web, seed: Seed) -> None:
 def test_openapi_schema(web: Web) -> None:
     spec = web.client().get("/openapi.json").json()
     paths = spec["paths"]
-    for p in ("/api/studies", "/api/studies/{uid}", "/api/studies/{uid}/feedback",
-              "/api/studies/{uid}/images/{kind}", "/api/labels", "/api/admin/models",
-              "/api/admin/models/{name}/promote", "/api/admin/models/{name}/rollback",
-              "/api/admin/destinations", "/api/admin/destinations/{name}/echo",
-              "/api/admin/health", "/api/admin/audit", "/api/me", "/healthz", "/metrics"):
+    for p in (
+        "/api/studies",
+        "/api/studies/{uid}",
+        "/api/studies/{uid}/feedback",
+        "/api/studies/{uid}/images/{kind}",
+        "/api/labels",
+        "/api/admin/models",
+        "/api/admin/models/{name}/promote",
+        "/api/admin/models/{name}/rollback",
+        "/api/admin/destinations",
+        "/api/admin/destinations/{name}/echo",
+        "/api/admin/health",
+        "/api/admin/audit",
+        "/api/me",
+        "/healthz",
+        "/metrics",
+    ):
         assert p in paths, p
     ok = paths["/api/studies"]["get"]["responses"]["200"]["content"]["application/json"]
     assert ok["schema"]["$ref"].endswith("/WorklistOut")
@@ -647,8 +781,9 @@ def test_superseded_result_is_not_shown(web: Web, seed: Seed) -> None:
     assert d["result"] is None and d["deliveries"] == []
 
 
-def test_out_of_distribution_reason_on_worklist_study_page_and_cli_list(web: Web,
-                                                                        seed: Seed) -> None:
+def test_out_of_distribution_reason_on_worklist_study_page_and_cli_list(
+    web: Web, seed: Seed
+) -> None:
     """A study scored as out of distribution shows the marker and the reason everywhere a
     radiologist looks; an ordinary one, and a row written before the field existed, do not."""
     from triaged.worklist.result_details import OodSummary, ResultDetails, ScoreSummary
@@ -657,13 +792,21 @@ def test_out_of_distribution_reason_on_worklist_study_page_and_cli_list(web: Web
     reason = "out of distribution: 7 of 8 slices unlike the training data"
     odd = seed(11, state="SCORED", scored={"fusion": 0.93, "priority": 50, "flag": False})
     plain = seed(12, state="SCORED", scored={"fusion": 0.2, "priority": 0})
-    details = ResultDetails(summary=ScoreSummary(ood=OodSummary(
-        distance_share=0.875, slices_beyond=7, slices=8, threshold=6.1, max_share=0.5,
-        reason=reason)))
+    details = ResultDetails(
+        summary=ScoreSummary(
+            ood=OodSummary(
+                distance_share=0.875,
+                slices_beyond=7,
+                slices=8,
+                threshold=6.1,
+                max_share=0.5,
+                reason=reason,
+            )
+        )
+    )
     with Session(web.engine) as s, s.begin():
         sid = s.scalars(sa.select(Study.id).where(Study.study_instance_uid == odd)).one()
-        s.execute(sa.update(Result).where(Result.study_id == sid)
-                  .values(details=details.to_json()))
+        s.execute(sa.update(Result).where(Result.study_id == sid).values(details=details.to_json()))
     c = web.client("radiologist")
     items = {i["study_instance_uid"]: i for i in c.get("/api/studies").json()["studies"]}
     assert items[odd]["ood_reason"] == reason and items[odd]["flag"] is False
@@ -674,11 +817,11 @@ def test_out_of_distribution_reason_on_worklist_study_page_and_cli_list(web: Web
     assert detail["result"]["ood"]["slices_beyond"] == 7
     assert c.get(f"/api/studies/{plain}").json()["result"]["ood"] is None
     page = c.get("/").text
-    row = page[page.index(f'data-uid="{odd}"'):]
-    row = row[:row.index("</tr>")]
+    row = page[page.index(f'data-uid="{odd}"') :]
+    row = row[: row.index("</tr>")]
     assert '<span class="ood"' in row and reason in row
-    other = page[page.index(f'data-uid="{plain}"'):]
-    assert "out of distribution" not in other[:other.index("</tr>")]
+    other = page[page.index(f'data-uid="{plain}"') :]
+    assert "out of distribution" not in other[: other.index("</tr>")]
     study_page = c.get(f"/studies/{odd}").text
     assert 'id="ood"' in study_page and reason in study_page
     assert 'id="ood"' not in c.get(f"/studies/{plain}").text

@@ -14,13 +14,31 @@ from triaged.web.auth import UserError, add_user, disable_user
 from triaged.web.deps import SESSION_COOKIE
 from triaged.worklist.web_models import AuditEntry, User, WebSession
 
-API_GETS = ["/api/me", "/api/studies", "/api/studies/1.2.3", "/api/studies/1.2.3/feedback",
-            "/api/studies/1.2.3/images/heatmap", "/api/labels", "/api/admin/models",
-            "/api/admin/destinations", "/api/admin/health", "/api/admin/audit"]
-API_POSTS = ["/api/studies/1.2.3/feedback", "/api/admin/models/fusion/promote",
-             "/api/admin/models/fusion/rollback", "/api/admin/destinations/pacs/echo"]
-ADMIN_GETS = ["/api/labels", "/api/admin/models", "/api/admin/destinations",
-              "/api/admin/health", "/api/admin/audit"]
+API_GETS = [
+    "/api/me",
+    "/api/studies",
+    "/api/studies/1.2.3",
+    "/api/studies/1.2.3/feedback",
+    "/api/studies/1.2.3/images/heatmap",
+    "/api/labels",
+    "/api/admin/models",
+    "/api/admin/destinations",
+    "/api/admin/health",
+    "/api/admin/audit",
+]
+API_POSTS = [
+    "/api/studies/1.2.3/feedback",
+    "/api/admin/models/fusion/promote",
+    "/api/admin/models/fusion/rollback",
+    "/api/admin/destinations/pacs/echo",
+]
+ADMIN_GETS = [
+    "/api/labels",
+    "/api/admin/models",
+    "/api/admin/destinations",
+    "/api/admin/health",
+    "/api/admin/audit",
+]
 
 
 def test_login_form_sets_strict_httponly_cookie(web: Web) -> None:
@@ -49,11 +67,16 @@ def test_database_user_login_and_audit(web: Web) -> None:
     r = login_form(bad, "nobody", "whatever-123")
     assert r.status_code == 401
     with Session(web.engine) as s:
-        actions = [(a.user_name, a.action, a.client) for a in
-                   s.scalars(sa.select(AuditEntry).order_by(AuditEntry.id))
-                   if a.action.startswith("login")]
-    assert actions == [("ann", "login", "testclient"), ("ann", "login_failed", "testclient"),
-                       ("nobody", "login_failed", "testclient")]
+        actions = [
+            (a.user_name, a.action, a.client)
+            for a in s.scalars(sa.select(AuditEntry).order_by(AuditEntry.id))
+            if a.action.startswith("login")
+        ]
+    assert actions == [
+        ("ann", "login", "testclient"),
+        ("ann", "login_failed", "testclient"),
+        ("nobody", "login_failed", "testclient"),
+    ]
 
 
 def test_login_without_form_token_is_refused(web: Web) -> None:
@@ -104,16 +127,19 @@ def test_csrf_required_on_api_posts(web: Web, seed) -> None:  # type: ignore[no-
     uid = seed(1, scored={"fusion": 0.9, "cbam": 0.8, "flag": True, "priority": 10})
     c = web.client("admin")
     token = c.headers.pop("X-CSRF-Token")
-    for url, body in [(f"/api/studies/{uid}/feedback", {"verdict": "confirm"}),
-                      ("/api/admin/destinations/pacs/echo", {}),
-                      ("/api/admin/models/fusion/rollback", {})]:
+    for url, body in [
+        (f"/api/studies/{uid}/feedback", {"verdict": "confirm"}),
+        ("/api/admin/destinations/pacs/echo", {}),
+        ("/api/admin/models/fusion/rollback", {}),
+    ]:
         r = c.post(url, json=body)
         assert r.status_code == 403 and "CSRF" in r.json()["detail"], url
         r = c.post(url, json=body, headers={"X-CSRF-Token": token[:-2] + "xx"})
         assert r.status_code == 403, url
     assert web.echoes == []
-    r = c.post(f"/api/studies/{uid}/feedback", json={"verdict": "confirm"},
-               headers={"X-CSRF-Token": token})
+    r = c.post(
+        f"/api/studies/{uid}/feedback", json={"verdict": "confirm"}, headers={"X-CSRF-Token": token}
+    )
     assert r.status_code == 201
 
 
@@ -155,6 +181,7 @@ def test_tampered_expired_and_disabled_sessions(web: Web) -> None:
     short = web.client(session_lifetime=timedelta(seconds=-1))
     ctx = short.app.state.ctx  # type: ignore[attr-defined]
     from triaged.web.auth import Principal
+
     cookie, _ = ctx.sessions.create(Principal("rad", "radiologist"), None)
     short.cookies.set(SESSION_COOKIE, cookie)
     assert short.get("/api/me").status_code == 401
@@ -163,7 +190,8 @@ def test_tampered_expired_and_disabled_sessions(web: Web) -> None:
 def test_a_session_signed_with_another_key_is_refused(web: Web) -> None:
     c = web.client("radiologist")
     other = web.settings.model_copy(
-        update={"web": web.settings.web.model_copy(update={"secret_key": "another-key-xyz"})})
+        update={"web": web.settings.web.model_copy(update={"secret_key": "another-key-xyz"})}
+    )
     c2 = web.client(settings=other)
     c2.cookies.set(SESSION_COOKIE, c.cookies[SESSION_COOKIE])
     assert c2.get("/api/me").status_code == 401
@@ -224,8 +252,9 @@ def test_repeated_failed_logins_are_throttled(web: Web, rad_hash: str) -> None:
     from tests.web.conftest import make_settings
     from triaged.web.app import create_app
 
-    closed = TestClient(create_app(make_settings(web.root, rad_hash, open_metrics=False),
-                                   web.engine))
+    closed = TestClient(
+        create_app(make_settings(web.root, rad_hash, open_metrics=False), web.engine)
+    )
     assert closed.get("/metrics", headers={"Authorization": basic}).status_code == 429
     with Session(web.engine) as s:
         actions = [a.action for a in s.scalars(sa.select(AuditEntry).order_by(AuditEntry.id))]

@@ -31,8 +31,14 @@ from triaged.worklist import db
 from triaged.worklist.models import Series, Study, utcnow
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
@@ -51,9 +57,18 @@ def live(tmp_path: Path, rad_hash: str, admin_hash: str) -> Iterator[tuple[Web, 
     add_admin(engine, admin_hash)
     settings = make_settings(tmp_path, rad_hash)
     settings.storage.spool_dir.mkdir(parents=True)
-    web = Web(engine=engine, root=tmp_path, settings=settings,
-              status={"scp_listening": True, "scheduler_running": True,
-                      "live_model": "fusion:v1", "spool_free_mb": 5000, "min_free_mb": 100})
+    web = Web(
+        engine=engine,
+        root=tmp_path,
+        settings=settings,
+        status={
+            "scp_listening": True,
+            "scheduler_running": True,
+            "live_model": "fusion:v1",
+            "spool_free_mb": 5000,
+            "min_free_mb": 100,
+        },
+    )
     server = serve_in_thread(web.app(), "127.0.0.1", 0)
     yield web, server
     server.stop()
@@ -104,13 +119,16 @@ def test_radiologist_sees_a_positive_rise_and_reads_it(
 ) -> None:
     web, server = live
     base = server.url
-    neg = seed_study(web, 1, received_ago=3000,
-                     scored={"fusion": 0.08, "cbam": 0.11, "flag": False, "priority": 0},
-                     deliveries=[("pacs", "SR", "DELIVERED", None)])
+    neg = seed_study(
+        web,
+        1,
+        received_ago=3000,
+        scored={"fusion": 0.08, "cbam": 0.11, "flag": False, "priority": 0},
+        deliveries=[("pacs", "SR", "DELIVERED", None)],
+    )
     pos = seed_study(web, 2, received_ago=2000, state="SCORING")
     late = seed_study(web, 3, received_ago=1000, state="QUEUED")
-    skipped = seed_study(web, 4, received_ago=500, state="SKIPPED",
-                         reason="no axial CT series")
+    skipped = seed_study(web, 4, received_ago=500, state="SKIPPED", reason="no axial CT series")
     ARTIFACTS.mkdir(exist_ok=True)
     page, errors = new_page(browser, 1600)
     login(page, base, "rad", RAD_PASSWORD)
@@ -123,8 +141,15 @@ def test_radiologist_sees_a_positive_rise_and_reads_it(
     page.keyboard.press("ArrowDown")
     assert page.evaluate("document.activeElement.dataset.uid") == late
 
-    score(web, pos, fusion=0.93, cbam=0.88, flag=True, priority=90,
-          sr=["Finding: COVID-19 (SNOMED CT 840539006)", "Fusion probability 0.93"])
+    score(
+        web,
+        pos,
+        fusion=0.93,
+        cbam=0.88,
+        flag=True,
+        priority=90,
+        sr=["Finding: COVID-19 (SNOMED CT 840539006)", "Fusion probability 0.93"],
+    )
     expect(page.locator("#worklist tbody tr").first).to_have_attribute("data-uid", pos)
     assert row_uids(page) == [pos, neg, late, skipped]
     top = page.locator("#worklist tbody tr").first
@@ -231,12 +256,12 @@ def test_admin_page_echo_in_place(browser: Browser, live: tuple[Web, WebServer])
     assert errors == []
 
 
-def test_narrow_screen_keeps_columns_and_scroll(browser: Browser,
-                                               live: tuple[Web, WebServer]) -> None:
+def test_narrow_screen_keeps_columns_and_scroll(
+    browser: Browser, live: tuple[Web, WebServer]
+) -> None:
     web, server = live
     seed_study(web, 1, scored={"fusion": 0.91, "cbam": 0.8, "flag": True, "priority": 80})
-    waiting = [seed_study(web, n, received_ago=5000 - n * 10, state="QUEUED")
-               for n in range(2, 31)]
+    waiting = [seed_study(web, n, received_ago=5000 - n * 10, state="QUEUED") for n in range(2, 31)]
     page, errors = new_page(browser, 800, 600)
     login(page, server.url, "rad", RAD_PASSWORD)
     row = page.locator("#worklist tbody tr").first
@@ -276,8 +301,9 @@ def test_open_worklist_shows_out_of_distribution_when_scored(
     page.evaluate("window.__sameDocument = true")
     reason = "out of distribution: 8 of 8 slices unlike the training data"
     score(web, uid, fusion=0.95, flag=False, priority=50)
-    details = ResultDetails(summary=ScoreSummary(ood=OodSummary(slices_beyond=8, slices=8,
-                                                                reason=reason)))
+    details = ResultDetails(
+        summary=ScoreSummary(ood=OodSummary(slices_beyond=8, slices=8, reason=reason))
+    )
     with Session(web.engine) as s, s.begin():
         s.execute(sa.update(Result).values(details=details.to_json()))
         st = s.scalars(sa.select(Study).where(Study.study_instance_uid == uid)).one()

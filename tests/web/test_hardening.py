@@ -29,8 +29,10 @@ BOB_PASSWORD = "bobs-password-1"
 
 def audit_rows(web: Web) -> list[tuple[str | None, str, str | None, str | None]]:
     with Session(web.engine) as s:
-        return [(a.user_name, a.action, a.target, a.client)
-                for a in s.scalars(sa.select(AuditEntry).order_by(AuditEntry.id))]
+        return [
+            (a.user_name, a.action, a.target, a.client)
+            for a in s.scalars(sa.select(AuditEntry).order_by(AuditEntry.id))
+        ]
 
 
 def client_from(web: Web, address: str, **overrides: Any) -> TestClient:
@@ -58,8 +60,7 @@ def test_password_change_ends_every_session_of_the_user(web: Web) -> None:
     assert ("cli:root", "user_password_set", "bob", "cli") in audit_rows(web)
 
 
-def test_password_change_in_the_config_ends_sessions_at_next_start(
-        web: Web, rad_hash: str) -> None:
+def test_password_change_in_the_config_ends_sessions_at_next_start(web: Web, rad_hash: str) -> None:
     from tests.web.conftest import RAD_PASSWORD
 
     c = web.client()
@@ -75,17 +76,23 @@ def test_password_change_in_the_config_ends_sessions_at_next_start(
 
 
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "triaged.cli", "web", *args, "--config",
-                           str(config)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "triaged.cli", "web", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-def test_cli_disable_user_ends_sessions_and_logins_enable_restores(
-        web: Web, rad_hash: str) -> None:
+def test_cli_disable_user_ends_sessions_and_logins_enable_restores(web: Web, rad_hash: str) -> None:
     add_user(web.engine, "bob", "radiologist", BOB_PASSWORD)
-    config = write_config(web.root / "config.toml", {
-        "database": {"url": web.engine.url.render_as_string(hide_password=False)},
-        "web": {"users": [{"name": "rad", "role": "radiologist", "password_hash": rad_hash}]},
-    })
+    config = write_config(
+        web.root / "config.toml",
+        {
+            "database": {"url": web.engine.url.render_as_string(hide_password=False)},
+            "web": {"users": [{"name": "rad", "role": "radiologist", "password_hash": rad_hash}]},
+        },
+    )
     browser = web.client()
     assert login_form(browser, "bob", BOB_PASSWORD).status_code == 303
     closed = web.client(settings=make_settings(web.root, rad_hash, open_metrics=False))
@@ -98,8 +105,9 @@ def test_cli_disable_user_ends_sessions_and_logins_enable_restores(
     assert login_form(web.client(), "bob", BOB_PASSWORD).status_code == 401
     assert closed.get("/metrics", headers=basic("bob", BOB_PASSWORD)).status_code == 401
     rows = audit_rows(web)
-    assert any(r[1] == "user_disabled" and r[2] == "bob" and (r[0] or "").startswith("cli")
-               for r in rows), rows
+    assert any(
+        r[1] == "user_disabled" and r[2] == "bob" and (r[0] or "").startswith("cli") for r in rows
+    ), rows
 
     out = _cli(config, "enable-user", "bob")
     assert out.returncode == 0, out.stderr
@@ -133,20 +141,33 @@ def test_failures_from_one_address_never_lock_the_account_out(web: Web, rad_hash
     # HTTP Basic counts and is throttled by address the same way
     closed = make_settings(web.root, rad_hash, open_metrics=False)
     r = client_from(web, "198.51.100.7", settings=closed).get(
-        "/metrics", headers=basic("ann", ADMIN_PASSWORD))
+        "/metrics", headers=basic("ann", ADMIN_PASSWORD)
+    )
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     r = client_from(web, "192.0.2.12", settings=closed).get(
-        "/metrics", headers=basic("ann", ADMIN_PASSWORD))
+        "/metrics", headers=basic("ann", ADMIN_PASSWORD)
+    )
     assert r.status_code == 200
 
 
 def test_backoff_doubles_and_is_capped_account_delay_stays_short() -> None:
     from triaged.web.queries import account_delay, address_backoff
 
-    web = WebSettings(login_failures_allowed=5, login_backoff_seconds=30,
-                      login_backoff_max_seconds=900, login_account_delay_max_seconds=2)
+    web = WebSettings(
+        login_failures_allowed=5,
+        login_backoff_seconds=30,
+        login_backoff_max_seconds=900,
+        login_account_delay_max_seconds=2,
+    )
     assert [address_backoff(n, web) for n in (0, 4, 5, 6, 7, 10, 1000)] == [
-        0, 0, 30, 60, 120, 900, 900]
+        0,
+        0,
+        30,
+        60,
+        120,
+        900,
+        900,
+    ]
     delays = [account_delay(n, web) for n in (0, 4, 5, 6, 100, 10**6)]
     assert delays[:2] == [0, 0] and 0 < delays[2] < delays[3] and delays[-1] == 2
 
@@ -160,8 +181,10 @@ def test_trusted_proxies_must_be_addresses(tmp_path: Path) -> None:
 
 
 def test_old_lockout_keys_name_their_replacement(tmp_path: Path) -> None:
-    for key, new in (("max_failed_logins", "login_failures_allowed"),
-                     ("lockout_minutes", "login_backoff_seconds")):
+    for key, new in (
+        ("max_failed_logins", "login_failures_allowed"),
+        ("lockout_minutes", "login_backoff_seconds"),
+    ):
         with pytest.raises(ConfigError, match=f"{key} was replaced by {new}"):
             from_dict({"web": {key: 5}}, tmp_path, {})
 
@@ -173,8 +196,9 @@ def real_server(web: Web) -> Any:
 
     def start(**web_keys: Any) -> str:
         settings = make_settings(web.root, web.settings.web.users[0].password_hash, **web_keys)
-        server = serve_in_thread(web.app(settings=settings), "127.0.0.1", 0,
-                                 trusted_proxies=settings.web.trusted_proxies)
+        server = serve_in_thread(
+            web.app(settings=settings), "127.0.0.1", 0, trusted_proxies=settings.web.trusted_proxies
+        )
         started.append(server)
         return server.url
 
@@ -189,13 +213,14 @@ def _real_login(url: str, password: str, headers: dict[str, str]) -> httpx.Respo
         token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
         # sent by hand: a Secure cookie (X-Forwarded-Proto https) is not replayed over http
         nonce = page.cookies[LOGIN_COOKIE]
-        return c.post("/login", data={"username": "rad", "password": password,
-                                      "csrf_token": token, "next": "/"},
-                      headers={"Cookie": f"{LOGIN_COOKIE}={nonce}"})
+        return c.post(
+            "/login",
+            data={"username": "rad", "password": password, "csrf_token": token, "next": "/"},
+            headers={"Cookie": f"{LOGIN_COOKIE}={nonce}"},
+        )
 
 
-def test_forwarded_headers_ignored_unless_the_proxy_is_trusted(
-        web: Web, real_server: Any) -> None:
+def test_forwarded_headers_ignored_unless_the_proxy_is_trusted(web: Web, real_server: Any) -> None:
     from tests.web.conftest import RAD_PASSWORD
 
     forged = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}
@@ -216,11 +241,18 @@ def test_forwarded_headers_ignored_unless_the_proxy_is_trusted(
 
 
 # ------------------------------------------------------------------------- finding 12
-@pytest.mark.parametrize(("mode", "scheme", "secure"), [
-    (True, "http", True), (False, "https", False), ("auto", "http", False),
-    ("auto", "https", True)])
-def test_secure_cookies_setting(web: Web, rad_hash: str, mode: Any, scheme: str,
-                                secure: bool) -> None:
+@pytest.mark.parametrize(
+    ("mode", "scheme", "secure"),
+    [
+        (True, "http", True),
+        (False, "https", False),
+        ("auto", "http", False),
+        ("auto", "https", True),
+    ],
+)
+def test_secure_cookies_setting(
+    web: Web, rad_hash: str, mode: Any, scheme: str, secure: bool
+) -> None:
     from tests.web.conftest import RAD_PASSWORD
 
     app = web.app(settings=make_settings(web.root, rad_hash, secure_cookies=mode))
@@ -228,8 +260,11 @@ def test_secure_cookies_setting(web: Web, rad_hash: str, mode: Any, scheme: str,
     page = c.get("/login")
     assert ("; secure" in page.headers["set-cookie"].lower()) is secure
     token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
-    r = c.post("/login", data={"username": "rad", "password": RAD_PASSWORD, "csrf_token": token},
-               headers={"Cookie": f"{LOGIN_COOKIE}={page.cookies[LOGIN_COOKIE]}"})
+    r = c.post(
+        "/login",
+        data={"username": "rad", "password": RAD_PASSWORD, "csrf_token": token},
+        headers={"Cookie": f"{LOGIN_COOKIE}={page.cookies[LOGIN_COOKIE]}"},
+    )
     assert r.status_code == 303
     cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith(SESSION_COOKIE))
     assert ("; secure" in cookie.lower()) is secure

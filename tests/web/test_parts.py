@@ -39,12 +39,14 @@ def test_slice_plot_marks_threshold_and_key_slice() -> None:
     key = next(e for e in root.iter(f"{SVG}line") if e.attrib.get("class") == "key")
     assert float(key.attrib["x1"]) == pytest.approx(pts[2][0], abs=0.1)
     # threshold 0.5 sits halfway between the 0 and 1 grid lines
-    grid = sorted(float(e.attrib["y1"]) for e in root.iter(f"{SVG}line")
-                  if e.attrib.get("class") == "grid")
+    grid = sorted(
+        float(e.attrib["y1"]) for e in root.iter(f"{SVG}line") if e.attrib.get("class") == "grid"
+    )
     assert float(thr.attrib["y1"]) == pytest.approx((grid[0] + grid[-1]) / 2, abs=0.1)
     title = root.find(f"{SVG}title")
     assert title is not None and title.text == (
-        "4 slices, 1 at or above 0.50, maximum 0.95, key slice 3")
+        "4 slices, 1 at or above 0.50, maximum 0.95, key slice 3"
+    )
     assert "style=" not in svg  # a strict CSP forbids inline styles
 
 
@@ -57,7 +59,11 @@ def test_slice_plot_empty_and_single() -> None:
 def test_formatting() -> None:
     assert fmt_pct(None) == "–" and fmt_pct(0.876) == "88%"
     assert [fmt_age(s) for s in (5, 60 * 7, 3600 * 2 + 300, 86400 * 3 + 3600 * 4)] == [
-        "<1 min", "7 min", "2 h 05", "3 d 4 h"]
+        "<1 min",
+        "7 min",
+        "2 h 05",
+        "3 d 4 h",
+    ]
     assert fmt_time("2025-01-02T03:04:05+00:00") == "2025-01-02 03:04:05 UTC"
     assert model_version({"fusion": "fusion:v3", "cbam": "v1"}) == "cbam:v1, fusion:v3"
     assert model_version({}) is None
@@ -113,14 +119,37 @@ def test_serve_in_thread_reports_a_taken_port() -> None:
 
 def test_serve_in_thread_with_tls(tmp_path: Path) -> None:
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     server = serve_in_thread(_hello(), "127.0.0.1", 0, TLSSettings(cert=cert, key=key))
     try:
         assert server.url.startswith("https://")
-        assert httpx.get(f"{server.url}/ping", verify=ssl.create_default_context(cafile=str(cert)),
-                         timeout=5).status_code == 200
+        assert (
+            httpx.get(
+                f"{server.url}/ping", verify=ssl.create_default_context(cafile=str(cert)), timeout=5
+            ).status_code
+            == 200
+        )
     finally:
         server.stop()
 

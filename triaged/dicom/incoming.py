@@ -109,9 +109,7 @@ class Receiver:
         self.spool = spool
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._open: weakref.WeakValueDictionary[str, ReceiveFile] = (
-            weakref.WeakValueDictionary()
-        )
+        self._open: weakref.WeakValueDictionary[str, ReceiveFile] = weakref.WeakValueDictionary()
 
     def open(self, *_args: Any, **_kwargs: Any) -> ReceiveFile:
         """Stands in for ``NamedTemporaryFile`` (pynetdicom passes mode/suffix/delete)."""

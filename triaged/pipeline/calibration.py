@@ -185,8 +185,10 @@ def fit_platt(z: np.ndarray, y: np.ndarray, c: float = 1.0) -> Calibration:
     model.fit(np.asarray(z, dtype=np.float64).reshape(-1, 1), y)
     a = float(model.coef_[0][0])
     if a <= 0:  # a score that does not rise with disease: keep the map monotone increasing
-        raise ValueError("the aggregated score does not increase with the label; "
-                         "cannot calibrate (is the model any good on these studies?)")
+        raise ValueError(
+            "the aggregated score does not increase with the label; "
+            "cannot calibrate (is the model any good on these studies?)"
+        )
     return Calibration(a=a, b=float(model.intercept_[0]))
 
 
@@ -223,8 +225,9 @@ def _evaluate(slices: Sequence[np.ndarray], y: np.ndarray, agg: Aggregation) -> 
     return Candidate(agg, auc(y, z), loss, cal)
 
 
-def choose_aggregation(slices: Sequence[np.ndarray], labels: Sequence[int]) -> tuple[
-        Candidate, list[Candidate]]:
+def choose_aggregation(
+    slices: Sequence[np.ndarray], labels: Sequence[int]
+) -> tuple[Candidate, list[Candidate]]:
     """The best of :data:`CANDIDATES` (highest AUC, then lowest log-loss, then first) and all
     of them, for the report."""
     y = np.asarray(labels, dtype=np.int64)
@@ -269,8 +272,11 @@ def operating_point(y: np.ndarray, p: np.ndarray, target: Target) -> OperatingPo
     values = np.unique(p)  # ascending; a cut at values[i] calls values[i:] positive
     cuts = [*values.tolist(), float(np.nextafter(values[-1], np.inf))]
     idx = 0 if target.metric == "sensitivity" else len(cuts) - 1
-    meets = [i for i, c in enumerate(cuts)
-             if _rates(y, p, c)[0 if target.metric == "sensitivity" else 1] >= target.minimum]
+    meets = [
+        i
+        for i, c in enumerate(cuts)
+        if _rates(y, p, c)[0 if target.metric == "sensitivity" else 1] >= target.minimum
+    ]
     if meets:
         idx = max(meets) if target.metric == "sensitivity" else min(meets)
     if idx == 0:
@@ -280,8 +286,14 @@ def operating_point(y: np.ndarray, p: np.ndarray, target: Target) -> OperatingPo
     else:
         threshold = float((values[idx] + values[idx - 1]) / 2)
     sens, spec = _rates(y, p, threshold)
-    return OperatingPoint(name=target.name, target=target.metric, minimum=target.minimum,
-                          threshold=threshold, val_sensitivity=sens, val_specificity=spec)
+    return OperatingPoint(
+        name=target.name,
+        target=target.metric,
+        minimum=target.minimum,
+        threshold=threshold,
+        val_sensitivity=sens,
+        val_specificity=spec,
+    )
 
 
 def fit_study_decision(
@@ -311,9 +323,14 @@ def fit_study_decision(
         calibration=best.calibration,
         operating_points=[operating_point(y, p, t) for t in targets],
         fitted_on=FittedOn(
-            n_studies=int(y.size), n_patients=len(set(patients)),
-            n_positive=int(y.sum()), n_negative=int(y.size - y.sum()),
-            source=source, pipeline=pipeline, model=model,
-            auc=best.auc, log_loss=best.log_loss,
+            n_studies=int(y.size),
+            n_patients=len(set(patients)),
+            n_positive=int(y.sum()),
+            n_negative=int(y.size - y.sum()),
+            source=source,
+            pipeline=pipeline,
+            model=model,
+            auc=best.auc,
+            log_loss=best.log_loss,
         ),
     )

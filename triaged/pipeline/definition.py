@@ -116,9 +116,7 @@ class PriorityLevel(_Section):
     reason, rather than guess a threshold.
     """
 
-    operating_point: str | None = Field(
-        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-    )
+    operating_point: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     min_probability: float | None = Field(default=None, ge=0.0, le=1.0)
     priority: int
     flag: bool = False

@@ -111,8 +111,10 @@ class OodAssessment:
     def reason(self) -> str | None:
         if not self.out_of_distribution:
             return None
-        return (f"out of distribution: {self.slices_beyond} of {self.slices} slices unlike "
-                "the training data")
+        return (
+            f"out of distribution: {self.slices_beyond} of {self.slices} slices unlike "
+            "the training data"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The ``ood`` object of ``triaged score --json`` and ``Result.details``."""
@@ -148,8 +150,10 @@ def fit(
     """Fit on training features ``(N, D)``; the threshold from out-of-fold distances."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < MIN_SLICES:
-        raise OodError(f"an OOD fit needs at least {MIN_SLICES} training slices, "
-                       f"got {x.shape[0] if x.ndim == 2 else 0}")
+        raise OodError(
+            f"an OOD fit needs at least {MIN_SLICES} training slices, "
+            f"got {x.shape[0] if x.ndim == 2 else 0}"
+        )
     if not 0.0 < quantile < 1.0 or not 0.0 <= max_share < 1.0:
         raise OodError("quantile must be in (0, 1) and max_share in [0, 1)")
     order = np.random.default_rng(seed).permutation(x.shape[0])
@@ -166,8 +170,7 @@ def fit(
 def assess(fit_: OodFit, features: np.ndarray) -> OodAssessment:
     """Count the study's slices beyond the threshold."""
     beyond = int((fit_.distances(features) > fit_.threshold).sum())
-    return OodAssessment(beyond, int(np.asarray(features).shape[0]), fit_.threshold,
-                         fit_.max_share)
+    return OodAssessment(beyond, int(np.asarray(features).shape[0]), fit_.threshold, fit_.max_share)
 
 
 # ---------------------------------------------------------------------------- features
@@ -199,29 +202,48 @@ def withhold_flag(
     100 and no flag. ``positive`` (the SR's Present/Absent) is kept: the score is reported,
     with the reason beside it.
     """
-    unflagged = [lv for lv in (fixed_levels(section) if levels is None else levels)
-                 if not lv.flag and probability >= lv.threshold]
+    unflagged = [
+        lv
+        for lv in (fixed_levels(section) if levels is None else levels)
+        if not lv.flag and probability >= lv.threshold
+    ]
     level = max(unflagged, key=lambda lv: (lv.priority, lv.threshold), default=None)
     base = level.priority if level is not None else section.default
     req = normalise_requested(prio.requested)
     bonus = section.requested.get(req, 0) if req is not None else 0  # type: ignore[call-overload]
-    return Priority(priority=min(prio.priority, base + bonus), flag=False,
-                    positive=prio.positive, requested=prio.requested,
-                    operating_point=level.operating_point if level is not None else None)
+    return Priority(
+        priority=min(prio.priority, base + bonus),
+        flag=False,
+        positive=prio.positive,
+        requested=prio.requested,
+        operating_point=level.operating_point if level is not None else None,
+    )
 
 
 # ---------------------------------------------------------------------------- storage
 def to_bytes(fit_: OodFit) -> bytes:
     """The fit as safetensors bytes (arrays only: no pickle)."""
-    return save({"mean": fit_.mean.astype(np.float64),
-                 "precision": np.ascontiguousarray(fit_.precision, dtype=np.float64)},
-                metadata={"feature": FEATURE})
+    return save(
+        {
+            "mean": fit_.mean.astype(np.float64),
+            "precision": np.ascontiguousarray(fit_.precision, dtype=np.float64),
+        },
+        metadata={"feature": FEATURE},
+    )
 
 
 def card_entry(fit_: OodFit, content: bytes, data: list[str]) -> OodCard:
-    return OodCard(file=OOD_FILE, sha256=hashlib.sha256(content).hexdigest(), feature=FEATURE,
-                   dims=int(fit_.mean.shape[0]), slices=fit_.slices, quantile=fit_.quantile,
-                   threshold=fit_.threshold, max_share=fit_.max_share, data=list(data))
+    return OodCard(
+        file=OOD_FILE,
+        sha256=hashlib.sha256(content).hexdigest(),
+        feature=FEATURE,
+        dims=int(fit_.mean.shape[0]),
+        slices=fit_.slices,
+        quantile=fit_.quantile,
+        threshold=fit_.threshold,
+        max_share=fit_.max_share,
+        data=list(data),
+    )
 
 
 def load_fit(mv: ModelVersion) -> OodFit | None:
@@ -230,28 +252,44 @@ def load_fit(mv: ModelVersion) -> OodFit | None:
     if entry is None:
         return None
     if entry.feature != FEATURE:
-        raise OodError(f"{mv.ref}: OOD feature {entry.feature!r} is not known to this version "
-                       f"of triaged (it measures {FEATURE!r})")
+        raise OodError(
+            f"{mv.ref}: OOD feature {entry.feature!r} is not known to this version "
+            f"of triaged (it measures {FEATURE!r})"
+        )
     path = Path(mv.path) / entry.file
     if not path.is_file():
         raise OodError(f"{mv.ref}: {entry.file} named by the card is missing")
     if file_sha256(path) != entry.sha256:
         raise OodError(f"{mv.ref}: {entry.file} does not match the card's sha256; altered")
     arrays = load(path.read_bytes())
-    return OodFit(arrays["mean"], arrays["precision"], entry.threshold, entry.quantile,
-                  entry.max_share, entry.slices)
+    return OodFit(
+        arrays["mean"],
+        arrays["precision"],
+        entry.threshold,
+        entry.quantile,
+        entry.max_share,
+        entry.slices,
+    )
 
 
-def card_with_fit(card: ModelCard, fit_: OodFit, content: bytes, data: list[str],
-                  note: str = "") -> ModelCard:
+def card_with_fit(
+    card: ModelCard, fit_: OodFit, content: bytes, data: list[str], note: str = ""
+) -> ModelCard:
     """``card`` with the fit recorded (and ``note`` appended to its notes)."""
     notes = f"{card.notes}\n{note}".strip() if note else card.notes
-    return card.model_copy(update={"ood": card_entry(fit_, content, data), "notes": notes,
-                                   "weights_sha256": None, "created": datetime.now(UTC)})
+    return card.model_copy(
+        update={
+            "ood": card_entry(fit_, content, data),
+            "notes": notes,
+            "weights_sha256": None,
+            "created": datetime.now(UTC),
+        }
+    )
 
 
-def register_with_fit(store: ModelStore, mv: ModelVersion, fit_: OodFit,
-                      data: list[str]) -> ModelVersion:
+def register_with_fit(
+    store: ModelStore, mv: ModelVersion, fit_: OodFit, data: list[str]
+) -> ModelVersion:
     """A new version of ``mv.name``: the same weights, the card plus the fit (not promoted)."""
     if mv.card.architecture.name != "fusion":
         raise RegistryError(f"{mv.ref} is not a fusion model; the OOD fit needs one")

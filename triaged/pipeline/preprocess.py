@@ -37,8 +37,15 @@ from PIL import Image
 
 from triaged.pipeline.hu import LUNG_WINDOW, window_hu
 
-__all__ = ["LUNG_WINDOW", "Preprocessing", "Source", "read_grey", "resize", "to_unit_range",
-           "window_hu"]
+__all__ = [
+    "LUNG_WINDOW",
+    "Preprocessing",
+    "Source",
+    "read_grey",
+    "resize",
+    "to_unit_range",
+    "window_hu",
+]
 
 Source = Literal["display", "hu"]
 
@@ -74,8 +81,11 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
     return np.clip(image.astype(np.float32), 0.0, 1.0)
 
 
-def resize(image: torch.Tensor, size: int, mode: Literal["bilinear", "nearest"] = "bilinear",
-           ) -> torch.Tensor:
+def resize(
+    image: torch.Tensor,
+    size: int,
+    mode: Literal["bilinear", "nearest"] = "bilinear",
+) -> torch.Tensor:
     """Resize ``[C, H, W]`` to ``[C, size, size]``; nearest for label masks."""
     if image.ndim != 3:
         raise ValueError(f"expected [C, H, W], got shape {tuple(image.shape)}")
@@ -85,8 +95,9 @@ def resize(image: torch.Tensor, size: int, mode: Literal["bilinear", "nearest"] 
     if mode == "nearest":
         out = F.interpolate(x, size=(size, size), mode="nearest-exact")
     else:
-        out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                            antialias=True)
+        out = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
     return out[0]
 
 
@@ -108,8 +119,12 @@ class Preprocessing:
             raise ValueError("triaged models take one-channel input")
 
     def as_card(self) -> dict[str, Any]:
-        return {**asdict(self), "range": [0.0, 1.0],
-                "display_images": "uint8 / 255", "hu_images": "lung window, clipped"}
+        return {
+            **asdict(self),
+            "range": [0.0, 1.0],
+            "display_images": "uint8 / 255",
+            "hu_images": "lung window, clipped",
+        }
 
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> Preprocessing:
@@ -120,8 +135,11 @@ class Preprocessing:
         """A 2-D image (display intensities or HU) -> float32 ``[1, size, size]`` in [0, 1]."""
         if image.ndim != 2:
             raise ValueError(f"expected a 2-D image, got shape {image.shape}")
-        unit = (window_hu(image, self.window_level, self.window_width) if source == "hu"
-                else to_unit_range(image))
+        unit = (
+            window_hu(image, self.window_level, self.window_width)
+            if source == "hu"
+            else to_unit_range(image)
+        )
         return resize(torch.from_numpy(np.ascontiguousarray(unit))[None], self.size).clamp_(0, 1)
 
     def mask(self, mask: np.ndarray) -> torch.Tensor:

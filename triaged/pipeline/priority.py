@@ -52,22 +52,29 @@ def resolve_levels(section: PrioritySection, decision: StudyDecision | None) -> 
             op = decision.point(name)
             if op is None:
                 have = ", ".join(o.name for o in decision.operating_points) or "none"
-                return (f"operating point {name!r} of priority level {lv.priority} is not in "
-                        f"the fusion model's study decision (it has: {have})")
+                return (
+                    f"operating point {name!r} of priority level {lv.priority} is not in "
+                    f"the fusion model's study decision (it has: {have})"
+                )
             out.append(Level(op.threshold, lv.priority, lv.flag, name))
         elif lv.min_probability is not None:
             out.append(Level(lv.min_probability, lv.priority, lv.flag))
         else:
-            return (f"priority level {lv.priority} uses operating point {name!r}, but the fusion "
-                    "model's card has no fitted study decision (run `triaged validate --fit`) "
-                    "and the level gives no min_probability fallback")
+            return (
+                f"priority level {lv.priority} uses operating point {name!r}, but the fusion "
+                "model's card has no fitted study decision (run `triaged validate --fit`) "
+                "and the level gives no min_probability fallback"
+            )
     return sorted(out, key=lambda lv: (lv.threshold, lv.priority), reverse=True)
 
 
 def fixed_levels(section: PrioritySection) -> list[Level]:
     """The levels with a ``min_probability``, highest first (no card needed)."""
-    return [Level(lv.min_probability, lv.priority, lv.flag)
-            for lv in section.ordered_levels() if lv.min_probability is not None]
+    return [
+        Level(lv.min_probability, lv.priority, lv.flag)
+        for lv in section.ordered_levels()
+        if lv.min_probability is not None
+    ]
 
 
 def normalise_requested(value: object) -> str | None:

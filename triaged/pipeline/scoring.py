@@ -93,6 +93,7 @@ class StudyScore:
     def ood_reason(self) -> str | None:
         """Why the score should not be trusted, when the slices are unlike the training data."""
         return self.ood.reason if self.ood is not None else None
+
     # -- study decision (issue 12): set when the fusion card carries a fitted decision --
     raw_probability: float | None = None  # the aggregate before calibration
     operating_point: str | None = None  # the fitted operating point that fired, if any
@@ -120,6 +121,7 @@ class StudyScore:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (no pixels): for ``triaged score --json``, logs and the DB."""
+
         def sop(i: int) -> str:
             return str(self.datasets[i].get("SOPInstanceUID", ""))
 
@@ -141,15 +143,19 @@ class StudyScore:
                 if self.cbam_model is None
                 else {"name": self.cbam_model.name, "version": self.cbam_model.version}
             ),
-            "key_slice": {"index": self.key_slice_index, "sop_instance_uid": sop(
-                self.key_slice_index)},
-            "top_slices": [{"index": i, "sop_instance_uid": sop(i)}
-                           for i in self.top_slice_indices],
+            "key_slice": {
+                "index": self.key_slice_index,
+                "sop_instance_uid": sop(self.key_slice_index),
+            },
+            "top_slices": [
+                {"index": i, "sop_instance_uid": sop(i)} for i in self.top_slice_indices
+            ],
             "slices": [
                 {
                     "index": i,
                     "fusion": p,
-                    "cbam": None if self.cbam_slice_probabilities is None
+                    "cbam": None
+                    if self.cbam_slice_probabilities is None
                     else self.cbam_slice_probabilities[n],
                 }
                 for n, (i, p) in enumerate(
@@ -265,13 +271,17 @@ def score_prepared(
     cbam = models.cbam
     if cbam is not None:
         with clock.stage("cbam"):
-            p_cbam = predict_cnn(
-                cbam.module,  # type: ignore[arg-type]
-                data[T.input_key("cbam")],
-                cbam.device,
-                batch_size=cbam.entry.batch_size,
-                fast=cbam.entry.fast,
-            ).numpy().astype(np.float64)
+            p_cbam = (
+                predict_cnn(
+                    cbam.module,  # type: ignore[arg-type]
+                    data[T.input_key("cbam")],
+                    cbam.device,
+                    batch_size=cbam.entry.batch_size,
+                    fast=cbam.entry.fast,
+                )
+                .numpy()
+                .astype(np.float64)
+            )
 
     with clock.stage("aggregate"):
         raw_p = aggregate(p_fusion, pipeline.aggregate)
@@ -301,9 +311,7 @@ def score_prepared(
         heatmaps = {i: heat[n] for n, i in enumerate(top_source)}
         infected = {i: masks[n].astype(bool) for n, i in enumerate(top_source)}
 
-    outputs = tuple(
-        name for name in ("sr", "sc", "seg") if getattr(pipeline.outputs, name)
-    )
+    outputs = tuple(name for name in ("sr", "sc", "seg") if getattr(pipeline.outputs, name))
     clock.timings["total"] = time.perf_counter() - clock.start
     return StudyScore(
         pipeline=pipeline.ref,
@@ -333,8 +341,9 @@ def score_prepared(
         raw_probability=raw_p,
         operating_point=prio.operating_point,
         calibrated_on=None if decision is None else decision.fitted_on.n_studies,
-        aggregation=(decision.aggregation.describe() if decision is not None
-                     else _describe(pipeline)),
+        aggregation=(
+            decision.aggregation.describe() if decision is not None else _describe(pipeline)
+        ),
     )
 
 
@@ -372,4 +381,3 @@ def score_study(
         except T.NoLungError as exc:
             return Skip(f"no lung: {exc}")
     return score_prepared(data, pipeline, models, requested=requested, clock=clock)
-

@@ -341,9 +341,7 @@ class ModelInputd(_Transform):
         d[input_key(self.role)] = torch.stack(tensors)
 
 
-def slice_steps(
-    *, count: int, threshold: float, lung_hu: tuple[float, float]
-) -> list[Transform]:
+def slice_steps(*, count: int, threshold: float, lung_hu: tuple[float, float]) -> list[Transform]:
     """Orientation, lung content and slice choice: the HU slices scoring and training use."""
     return [
         CanonicalOrientd(),

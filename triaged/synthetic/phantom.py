@@ -188,8 +188,7 @@ def _torso(
 
 
 def _lung_slice(
-    t: float, y: np.ndarray, x: np.ndarray, a: _Anatomy, *, allowed: np.ndarray,
-    heart_r: np.ndarray
+    t: float, y: np.ndarray, x: np.ndarray, a: _Anatomy, *, allowed: np.ndarray, heart_r: np.ndarray
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Lung and heart masks at height ``t`` (0 base, 1 apex); None where there is none."""
     s = float(_lung_scale(t))
@@ -214,8 +213,14 @@ def _lung_slice(
 
 
 def _chest(
-    shape: tuple[int, int, int], dz: float, y: np.ndarray, x: np.ndarray, a: _Anatomy,
-    *, blood: float, table: bool
+    shape: tuple[int, int, int],
+    dz: float,
+    y: np.ndarray,
+    x: np.ndarray,
+    a: _Anatomy,
+    *,
+    blood: float,
+    table: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """HU float32 volume and lung mask: torso, lungs and heart by height, and ribs."""
     nz, ny, nx = shape
@@ -250,8 +255,9 @@ def _chest(
 
 
 def _voxel_center(
-    center: tuple[float, float, float] | np.ndarray, shape: tuple[int, int, int],
-    spacing: tuple[float, float, float]
+    center: tuple[float, float, float] | np.ndarray,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
 ) -> tuple[float, float, float]:
     """A point in mm (z from the first slice, y and x from the plane's centre) in voxels."""
     (cz, cy, cx), (_, ny, nx), (dz, dy, dx) = center, shape, spacing
@@ -259,8 +265,7 @@ def _voxel_center(
 
 
 def _vessels(
-    shape: tuple[int, int, int], spacing: tuple[float, float, float], a: _Anatomy,
-    lungs: np.ndarray
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], a: _Anatomy, lungs: np.ndarray
 ) -> np.ndarray:
     """Vessel mask: each tube a dense chain of spheres, kept only inside the lungs."""
     nz, ny, nx = shape
@@ -283,8 +288,11 @@ def _vessels(
 
 
 def _draw_lesion(
-    hu: np.ndarray, lesion: np.ndarray, les: _Lesion, spacing: tuple[float, float, float],
-    visible: np.ndarray
+    hu: np.ndarray,
+    lesion: np.ndarray,
+    les: _Lesion,
+    spacing: tuple[float, float, float],
+    visible: np.ndarray,
 ) -> None:
     """Blend one soft-edged blob into ``hu`` where ``visible`` and add it to ``lesion``."""
     shape = hu.shape
@@ -301,9 +309,7 @@ def _draw_lesion(
     gx = ((np.arange(x_lo, x_hi, dtype=np.float32) - kx) / rx)[None, None, :]
     rr = np.sqrt(gz**2 + gy**2 + gx**2)
     p0, p1, p2 = les.wobble
-    rr = rr * (
-        1.0 + 0.12 * np.sin(3.0 * gx + p0) * np.cos(2.5 * gy + p1) * np.cos(2.0 * gz + p2)
-    )
+    rr = rr * (1.0 + 0.12 * np.sin(3.0 * gx + p0) * np.cos(2.5 * gy + p1) * np.cos(2.0 * gz + p2))
     w = np.clip((1.0 - rr) / 0.4, 0.0, 1.0)
     w = w * w * (3.0 - 2.0 * w)  # smoothstep: ground glass fades into the lung
     region = (slice(z_lo, z_hi), slice(y_lo, y_hi), slice(x_lo, x_hi))

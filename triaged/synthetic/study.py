@@ -281,8 +281,11 @@ EXTRA_SERIES: tuple[str, ...] = tuple(SERIES_KINDS)
 
 
 def _study_info(
-    key: tuple[object, ...], seed: int, patient_id: str | None, study_date: str | None,
-    priority: str | None
+    key: tuple[object, ...],
+    seed: int,
+    patient_id: str | None,
+    study_date: str | None,
+    priority: str | None,
 ) -> StudyInfo:
     digest = int(hashlib.sha256(repr(key).encode()).hexdigest()[:8], 16)
     return StudyInfo(

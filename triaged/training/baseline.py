@@ -38,13 +38,21 @@ class BaselineSettings:
     seed: int = 0
 
     def as_card(self) -> dict[str, Any]:
-        return {"algorithm": "Rao et al. 2021 baseline CNN" + (" + CBAM" if self.cbam else ""),
-                "optimizer": "Adam", **asdict(self)}
+        return {
+            "algorithm": "Rao et al. 2021 baseline CNN" + (" + CBAM" if self.cbam else ""),
+            "optimizer": "Adam",
+            **asdict(self),
+        }
 
 
-def train_baseline(train: Sequence[Sample], val: Sequence[Sample], s: BaselineSettings,
-                   run_dir: Path, rt: Runtime, progress: bool = True,
-                   ) -> tuple[BaselineCNN, PhaseResult]:
+def train_baseline(
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    s: BaselineSettings,
+    run_dir: Path,
+    rt: Runtime,
+    progress: bool = True,
+) -> tuple[BaselineCNN, PhaseResult]:
     model = BaselineCNN(cbam=s.cbam, size=s.size).to(rt.device)
     prep = Preprocessing(size=s.size)
     train_ds = SliceDataset(train, prep, augment=s.augment, seed=s.seed)
@@ -61,8 +69,18 @@ def train_baseline(train: Sequence[Sample], val: Sequence[Sample], s: BaselineSe
         return head_metrics(np.concatenate(labels).astype(int), {"cnn": np.concatenate(probs)})
 
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
-    phase = Phase(name="cbam" if s.cbam else "plain", model=model,
-                  params=list(model.parameters()), train_set=train_ds, loss=loss,
-                  evaluate=evaluate, optimizer=opt, epochs=s.epochs, batch_size=s.batch_size,
-                  select={"": "auc_cnn"}, seed=s.seed, keep=s.keep)
+    phase = Phase(
+        name="cbam" if s.cbam else "plain",
+        model=model,
+        params=list(model.parameters()),
+        train_set=train_ds,
+        loss=loss,
+        evaluate=evaluate,
+        optimizer=opt,
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        select={"": "auc_cnn"},
+        seed=s.seed,
+        keep=s.keep,
+    )
     return model, run_phase(phase, run_dir, rt, progress)

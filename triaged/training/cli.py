@@ -21,10 +21,15 @@ from typing import Any
 from pydantic import ValidationError
 
 CHEAP_CPU: dict[str, dict[str, Any]] = {
-    "fusion": {"input_size": 128, "epochs": 8, "lr_step": 6, "batch_size": 16,
-               "infnet_size": 128},
-    "semi": {"input_size": 128, "epochs_first": 6, "epochs_per_round": 2, "chunk": 400,
-             "batch_size": 8, "scales": [1.0]},
+    "fusion": {"input_size": 128, "epochs": 8, "lr_step": 6, "batch_size": 16, "infnet_size": 128},
+    "semi": {
+        "input_size": 128,
+        "epochs_first": 6,
+        "epochs_per_round": 2,
+        "chunk": 400,
+        "batch_size": 8,
+        "scales": [1.0],
+    },
     "baseline": {},
 }
 """``--cheap``: a setting that finishes on 2 CPU cores in hours, not days (docs/training.md)."""
@@ -32,36 +37,58 @@ CHEAP_CPU: dict[str, dict[str, Any]] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML/JSON file of retrain options")
-    parser.add_argument("--data", action="append", metavar="KIND:PATH",
-                        help="covid-ct:, semiseg:, medseg:, manifest:CSV, labels:EXPORT, "
-                             "synthetic:N (repeatable)")
-    parser.add_argument("--stages", help="comma list of infnet,1,2,3,cbam,plain "
-                                         "(default 1,2,3)")
+    parser.add_argument(
+        "--data",
+        action="append",
+        metavar="KIND:PATH",
+        help="covid-ct:, semiseg:, medseg:, manifest:CSV, labels:EXPORT, synthetic:N (repeatable)",
+    )
+    parser.add_argument("--stages", help="comma list of infnet,1,2,3,cbam,plain (default 1,2,3)")
     parser.add_argument("--backbone", choices=["efficientnet-lite0", "densenet169", "resnet50"])
     parser.add_argument("--init", help="random | imagenet (Lite0 only) | PATH to local weights")
     parser.add_argument("--epochs", type=int, help="epochs per fusion stage (default 50)")
     parser.add_argument("--input-size", type=int, help="fusion input size (default 224)")
     parser.add_argument("--batch-size", type=int, help="fusion batch size (default 32)")
-    parser.add_argument("--lr-step", type=int,
-                        help="fusion stages: learning rate x0.1 after this many epochs "
-                        "(default 30)")
+    parser.add_argument(
+        "--lr-step",
+        type=int,
+        help="fusion stages: learning rate x0.1 after this many epochs (default 30)",
+    )
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--cheap", action="store_true",
-                        help="reduced sizes/epochs that fit a 2-core CPU (docs/training.md)")
+    parser.add_argument(
+        "--cheap",
+        action="store_true",
+        help="reduced sizes/epochs that fit a 2-core CPU (docs/training.md)",
+    )
     parser.add_argument("--run-dir", type=Path, help="run folder; the same folder resumes")
     parser.add_argument("--store", type=Path, help="model store (default: [models] store)")
-    parser.add_argument("--start-from", metavar="NAME:VERSION",
-                        help="fusion version to continue from (to run stage 2 or 3 alone)")
-    parser.add_argument("--infnet-from", metavar="NAME:VERSION",
-                        help="Inf-Net version for stage 2 (default: the live infnet)")
-    parser.add_argument("--promote", action="store_true",
-                        help="make new versions live if at least as good on validation")
-    parser.add_argument("--report-test", action="store_true",
-                        help="score the test split once at the end (never used to select)")
+    parser.add_argument(
+        "--start-from",
+        metavar="NAME:VERSION",
+        help="fusion version to continue from (to run stage 2 or 3 alone)",
+    )
+    parser.add_argument(
+        "--infnet-from",
+        metavar="NAME:VERSION",
+        help="Inf-Net version for stage 2 (default: the live infnet)",
+    )
+    parser.add_argument(
+        "--promote",
+        action="store_true",
+        help="make new versions live if at least as good on validation",
+    )
+    parser.add_argument(
+        "--report-test",
+        action="store_true",
+        help="score the test split once at the end (never used to select)",
+    )
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (default 0 = all cores but one, "
-                        "so a retrain beside the daemon does not stall)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default 0 = all cores but one, "
+        "so a retrain beside the daemon does not stall)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
@@ -75,16 +102,28 @@ def options_from_args(args: argparse.Namespace, settings: Any = None) -> Any:
     if args.cheap:
         fusion.update(CHEAP_CPU["fusion"])
         semi.update(CHEAP_CPU["semi"])
-    for flag, key in (("epochs", "epochs"), ("input_size", "input_size"),
-                      ("batch_size", "batch_size"), ("lr_step", "lr_step")):
+    for flag, key in (
+        ("epochs", "epochs"),
+        ("input_size", "input_size"),
+        ("batch_size", "batch_size"),
+        ("lr_step", "lr_step"),
+    ):
         if getattr(args, flag) is not None:
             fusion[key] = getattr(args, flag)
     if args.data:
         over["data"] = args.data
     if args.stages:
         over["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
-    for flag in ("backbone", "init", "seed", "run_dir", "start_from", "infnet_from",
-                 "precision", "threads"):
+    for flag in (
+        "backbone",
+        "init",
+        "seed",
+        "run_dir",
+        "start_from",
+        "infnet_from",
+        "precision",
+        "threads",
+    ):
         if getattr(args, flag) is not None:
             over[flag] = getattr(args, flag)
     if args.store is not None:

@@ -128,8 +128,15 @@ def covid_ct(root: str | Path) -> dict[str, list[Sample]]:
                 path = root / folder / name
                 if not path.is_file():
                     raise FileNotFoundError(f"{listing} lists {name!r}, not in {folder}/")
-                out[split].append(Sample(id=f"{folder}/{name}", image=path, label=label,
-                                         split=split, group=f"{folder}/{name}"))
+                out[split].append(
+                    Sample(
+                        id=f"{folder}/{name}",
+                        image=path,
+                        label=label,
+                        split=split,
+                        group=f"{folder}/{name}",
+                    )
+                )
     return out
 
 
@@ -154,9 +161,17 @@ def _paired(imgs: Path, gts: Path | None, split: str, prefix: str) -> list[Sampl
         mask = masks.get(p.stem) if gts is not None else None
         if gts is not None and mask is None:
             raise FileNotFoundError(f"no mask for {p.name} in {gts}")
-        out.append(Sample(id=f"{prefix}/{p.stem}", image=p, mask=mask,
-                          mask_lut=BINARY_LUT if mask is not None else None,
-                          split=split, group=f"{prefix}/{p.stem}", label=1 if mask else None))
+        out.append(
+            Sample(
+                id=f"{prefix}/{p.stem}",
+                image=p,
+                mask=mask,
+                mask_lut=BINARY_LUT if mask is not None else None,
+                split=split,
+                group=f"{prefix}/{p.stem}",
+                label=1 if mask else None,
+            )
+        )
     return out
 
 
@@ -168,12 +183,18 @@ def covid_semiseg(root: str | Path) -> SemiSegData:
     """
     root = Path(root)
     train = root / "TrainingSet" / "LungInfection-Train"
-    labelled = _paired(train / "Doctor-label" / "Imgs", train / "Doctor-label" / "GT",
-                       "train", "semiseg-doctor")
+    labelled = _paired(
+        train / "Doctor-label" / "Imgs", train / "Doctor-label" / "GT", "train", "semiseg-doctor"
+    )
     pool_dir = train / "Pseudo-label"
     unlabelled = [
-        Sample(id=s.id, image=s.image, split="unlabelled", group=s.group,
-               meta={"shipped_pseudo_label": str(pool_dir / "GT" / f"{s.image.stem}.png")})
+        Sample(
+            id=s.id,
+            image=s.image,
+            split="unlabelled",
+            group=s.group,
+            meta={"shipped_pseudo_label": str(pool_dir / "GT" / f"{s.image.stem}.png")},
+        )
         for s in _paired(pool_dir / "Imgs", None, "unlabelled", "semiseg-pool")
     ]
     test_dir = root / "TestingSet" / "LungInfection-Test"
@@ -240,9 +261,17 @@ def medseg_png(root: str | Path, multiclass: bool = False) -> list[Sample]:
         image_name = mask_name.replace("tr_mask_", "tr_im_")
         stem = Path(image_name).stem
         split = "test" if "Test" in semiseg else "train"
-        out.append(Sample(id=f"medseg/{stem}", image=root / image_name, mask=root / mask_name,
-                          mask_lut=tuple(lut), split=split, group=f"medseg/{stem}",
-                          label=1 if any(v in (1, 2) for v in mapping.values()) else None))
+        out.append(
+            Sample(
+                id=f"medseg/{stem}",
+                image=root / image_name,
+                mask=root / mask_name,
+                mask_lut=tuple(lut),
+                split=split,
+                group=f"medseg/{stem}",
+                label=1 if any(v in (1, 2) for v in mapping.values()) else None,
+            )
+        )
     return out
 
 
@@ -260,12 +289,21 @@ def augmentation(size: int) -> Any:
     from monai.transforms import Compose, RandAffined, RandFlipd
 
     keys = ["image", "mask"]
-    return Compose([
-        RandAffined(keys=keys, prob=0.8, rotate_range=(0.175,), scale_range=(0.1, 0.1),
-                    translate_range=(0.05 * size, 0.05 * size), mode=("bilinear", "nearest"),
-                    padding_mode="zeros", allow_missing_keys=True),
-        RandFlipd(keys=keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),
-    ])
+    return Compose(
+        [
+            RandAffined(
+                keys=keys,
+                prob=0.8,
+                rotate_range=(0.175,),
+                scale_range=(0.1, 0.1),
+                translate_range=(0.05 * size, 0.05 * size),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                allow_missing_keys=True,
+            ),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),
+        ]
+    )
 
 
 def _plain(x: Any) -> torch.Tensor:
@@ -283,8 +321,15 @@ class SliceDataset(Dataset[dict[str, Any]]):
     tensors in memory (a few hundred images at 224 are tens of MB).
     """
 
-    def __init__(self, samples: Sequence[Sample], prep: Preprocessing, augment: bool = False,
-                 seed: int = 0, with_mask: bool = False, cache: bool = True) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        prep: Preprocessing,
+        augment: bool = False,
+        seed: int = 0,
+        with_mask: bool = False,
+        cache: bool = True,
+    ) -> None:
         self.samples = list(samples)
         self.prep = prep
         self.with_mask = with_mask
@@ -328,9 +373,14 @@ class SliceDataset(Dataset[dict[str, Any]]):
 
 
 # ---------------------------------------------------------------------------- synthetic
-def synthetic(root: str | Path, n: int, size: int = 64, seed: int = 0,
-              positive_fraction: float = 0.5, val_fraction: float = 0.25,
-              ) -> dict[str, list[Sample]]:
+def synthetic(
+    root: str | Path,
+    n: int,
+    size: int = 64,
+    seed: int = 0,
+    positive_fraction: float = 0.5,
+    val_fraction: float = 0.25,
+) -> dict[str, list[Sample]]:
     """Labelled phantom slices (``triaged.synthetic.generate_slices``) for tests and the demo.
 
     Written once under ``root`` as HU ``.npy`` files and 0/255 lesion-mask PNGs so they go
@@ -342,8 +392,9 @@ def synthetic(root: str | Path, n: int, size: int = 64, seed: int = 0,
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    images, labels, masks = generate_slices(n, size=size, seed=seed,
-                                            positive_fraction=positive_fraction)
+    images, labels, masks = generate_slices(
+        n, size=size, seed=seed, positive_fraction=positive_fraction
+    )
     n_val = max(1, round(n * val_fraction)) if n > 1 else 0
     out: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
     for i in range(n):
@@ -355,7 +406,16 @@ def synthetic(root: str | Path, n: int, size: int = 64, seed: int = 0,
             with atomic_path(img_path, durable=False) as tmp:
                 np.save(tmp, images[i].astype(np.float32))
         split = "val" if i < n_val else "train"
-        out[split].append(Sample(id=f"synthetic/{i}", image=img_path, label=int(labels[i]),
-                                 mask=mask_path, mask_lut=BINARY_LUT, source="hu",
-                                 split=split, group=f"synthetic/{i}"))
+        out[split].append(
+            Sample(
+                id=f"synthetic/{i}",
+                image=img_path,
+                label=int(labels[i]),
+                mask=mask_path,
+                mask_lut=BINARY_LUT,
+                source="hu",
+                split=split,
+                group=f"synthetic/{i}",
+            )
+        )
     return out

@@ -53,13 +53,34 @@ from triaged.training.datasets import Sample, read_hu, stable_split
 
 log = logging.getLogger("triaged.training")
 
-__all__ = ["DataError", "LabelExport", "LabelRecord", "dicom_manifest", "parse_label",
-           "read_hu", "read_label_export", "study_slices", "worklist_labels"]
+__all__ = [
+    "DataError",
+    "LabelExport",
+    "LabelRecord",
+    "dicom_manifest",
+    "parse_label",
+    "read_hu",
+    "read_label_export",
+    "study_slices",
+    "worklist_labels",
+]
 
 LABEL_WORDS = {
-    "1": 1, "covid": 1, "covid-19": 1, "covid19": 1, "positive": 1, "pos": 1, "true": 1,
-    "0": 0, "non-covid": 0, "noncovid": 0, "non_covid": 0, "negative": 0, "neg": 0,
-    "false": 0, "normal": 0,
+    "1": 1,
+    "covid": 1,
+    "covid-19": 1,
+    "covid19": 1,
+    "positive": 1,
+    "pos": 1,
+    "true": 1,
+    "0": 0,
+    "non-covid": 0,
+    "noncovid": 0,
+    "non_covid": 0,
+    "negative": 0,
+    "neg": 0,
+    "false": 0,
+    "normal": 0,
 }
 EXPORT_FORMAT = "triaged-labels/1"
 
@@ -119,23 +140,39 @@ def study_slices(
     return [choice.paths_sorted[int(i)] for i in data[T.INDICES]]
 
 
-def _study_samples(paths: list[Path], label: int, split: str, group: str,
-                   slices_per_study: int, series_uid: str | None = None,
-                   meta: dict[str, Any] | None = None,
-                   sections: tuple[SeriesSection, PreprocessSection] | None = None,
-                   ) -> list[Sample]:
+def _study_samples(
+    paths: list[Path],
+    label: int,
+    split: str,
+    group: str,
+    slices_per_study: int,
+    series_uid: str | None = None,
+    meta: dict[str, Any] | None = None,
+    sections: tuple[SeriesSection, PreprocessSection] | None = None,
+) -> list[Sample]:
     """The study's samples; :class:`DataError` when scoring would skip the study."""
     series, preprocess = sections or (None, None)
-    picked = study_slices(paths, slices_per_study, series_uid, series=series,
-                          preprocess=preprocess)
-    return [Sample(id=f"{group}/{p.name}", image=p, label=label, source="hu", split=split,
-                   group=group, meta=dict(meta or {})) for p in picked]
+    picked = study_slices(paths, slices_per_study, series_uid, series=series, preprocess=preprocess)
+    return [
+        Sample(
+            id=f"{group}/{p.name}",
+            image=p,
+            label=label,
+            source="hu",
+            split=split,
+            group=group,
+            meta=dict(meta or {}),
+        )
+        for p in picked
+    ]
 
 
-def dicom_manifest(csv_path: str | Path, slices_per_study: int = 16,
-                   val_fraction: float = 0.2,
-                   sections: tuple[SeriesSection, PreprocessSection] | None = None,
-                   ) -> dict[str, list[Sample]]:
+def dicom_manifest(
+    csv_path: str | Path,
+    slices_per_study: int = 16,
+    val_fraction: float = 0.2,
+    sections: tuple[SeriesSection, PreprocessSection] | None = None,
+) -> dict[str, list[Sample]]:
     """An admin's ``path,label[,split][,group]`` CSV -> ``{"train", "val", "test"}`` samples.
 
     ``sections``: the ``[series]`` and ``[preprocess]`` sections of the pipeline the model
@@ -161,8 +198,9 @@ def dicom_manifest(csv_path: str | Path, slices_per_study: int = 16,
             if split not in out:
                 raise DataError(f"{where}: split {split!r} is not train/val/test")
             try:
-                samples = _study_samples([path], label, split, group, slices_per_study,
-                                         sections=sections)
+                samples = _study_samples(
+                    [path], label, split, group, slices_per_study, sections=sections
+                )
             except DataError as exc:
                 raise DataError(f"{where}: {row['path']}: {exc}") from exc
             out[split].extend(samples)
@@ -216,18 +254,21 @@ def read_label_export(path: str | Path) -> LabelExport:
     try:
         if path.suffix.lower() == ".csv":
             with path.open(newline="", encoding="utf-8-sig") as fh:
-                rows = [{k: v for k, v in r.items() if v not in (None, "")}
-                        for r in csv.DictReader(fh)]
+                rows = [
+                    {k: v for k, v in r.items() if v not in (None, "")} for r in csv.DictReader(fh)
+                ]
             return LabelExport(labels=[LabelRecord.model_validate(r) for r in rows])
         return LabelExport.model_validate_json(path.read_text(encoding="utf-8"))
     except (ValidationError, DataError) as exc:
         raise DataError(f"{path}: {exc}") from exc
 
 
-def worklist_labels(path: str | Path, slices_per_study: int = 16,
-                    val_fraction: float = 0.2,
-                    sections: tuple[SeriesSection, PreprocessSection] | None = None,
-                    ) -> dict[str, list[Sample]]:
+def worklist_labels(
+    path: str | Path,
+    slices_per_study: int = 16,
+    val_fraction: float = 0.2,
+    sections: tuple[SeriesSection, PreprocessSection] | None = None,
+) -> dict[str, list[Sample]]:
     """Samples from a worklist label export; split by a stable hash of the Study UID.
 
     The last label of a study wins (a radiologist may correct an earlier one); the slices
@@ -246,11 +287,20 @@ def worklist_labels(path: str | Path, slices_per_study: int = 16,
         split = stable_split(uid, val_fraction)
         meta = {"labelled_by": rec.labelled_by, "labelled_at": rec.labelled_at}
         try:
-            samples = _study_samples(paths, rec.label, split, uid, slices_per_study,
-                                     rec.series_instance_uid, meta, sections)
+            samples = _study_samples(
+                paths,
+                rec.label,
+                split,
+                uid,
+                slices_per_study,
+                rec.series_instance_uid,
+                meta,
+                sections,
+            )
         except DataError as exc:
-            log.warning("label export %s: study %s left out, scoring would skip it: %s",
-                        path.name, uid, exc)
+            log.warning(
+                "label export %s: study %s left out, scoring would skip it: %s", path.name, uid, exc
+            )
             continue
         out[split].extend(samples)
     return out

@@ -90,8 +90,9 @@ def score_version(mv: ModelVersion, samples: Sequence[Sample], batch: int = 16) 
     )
 
 
-def _forward(model: nn.Module, name: str, arch: str, images: torch.Tensor,
-             feats: list[np.ndarray]) -> dict[str, torch.Tensor]:
+def _forward(
+    model: nn.Module, name: str, arch: str, images: torch.Tensor, feats: list[np.ndarray]
+) -> dict[str, torch.Tensor]:
     if arch == "fusion":
         from triaged.nets.fusion import FusionNet
 
@@ -155,12 +156,21 @@ def _save(fig: Any, out: Path, dpi: int) -> Path:
 def _roc_panel(ax: Any, labels: np.ndarray, curves: Mapping[str, np.ndarray]) -> None:
     for i, (name, p) in enumerate(curves.items()):
         fpr, tpr, _ = M.roc_curve(labels, p)
-        ax.plot(fpr, tpr, lw=2.2 if i == 0 else 1.1, alpha=1.0 if i == 0 else 0.75,
-                label=f"{name} (AUC {M.auc(labels, p):.3f})")
+        ax.plot(
+            fpr,
+            tpr,
+            lw=2.2 if i == 0 else 1.1,
+            alpha=1.0 if i == 0 else 0.75,
+            label=f"{name} (AUC {M.auc(labels, p):.3f})",
+        )
     ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1, label="chance")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal",
-           xlabel="false positive rate (1 - specificity)",
-           ylabel="true positive rate (sensitivity)")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        aspect="equal",
+        xlabel="false positive rate (1 - specificity)",
+        ylabel="true positive rate (sensitivity)",
+    )
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
 
@@ -169,18 +179,27 @@ def _confusion_panel(ax: Any, labels: np.ndarray, probs: np.ndarray, threshold: 
     cm = M.confusion(labels, M.predictions(probs, threshold))
     ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
     for (r, c), v in np.ndenumerate(cm):
-        ax.text(c, r, str(v), ha="center", va="center", fontsize=14,
-                color="white" if v > cm.max() / 2 else "black")
+        ax.text(
+            c,
+            r,
+            str(v),
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="white" if v > cm.max() / 2 else "black",
+        )
     ax.set_xticks([0, 1], [f"pred. {n}" for n in CLASS_NAMES])
     ax.set_yticks([0, 1], [f"true {n}" for n in CLASS_NAMES], rotation=90, va="center")
     acc = M.accuracy(labels, M.predictions(probs, threshold))
     f1 = M.f1(labels, M.predictions(probs, threshold))
-    ax.set_title(f"confusion at P(COVID) >= {threshold:g}\naccuracy {acc:.3f}, F1 {f1:.3f}",
-                 fontsize=10)
+    ax.set_title(
+        f"confusion at P(COVID) >= {threshold:g}\naccuracy {acc:.3f}, F1 {f1:.3f}", fontsize=10
+    )
 
 
-def plot_roc_confusion(scored: Scored, out: Path, split: str = "test",
-                       threshold: float = 0.5, dpi: int = DPI) -> Path:
+def plot_roc_confusion(
+    scored: Scored, out: Path, split: str = "test", threshold: float = 0.5, dpi: int = DPI
+) -> Path:
     """ROC (every output of the model) and the confusion matrix of its own output."""
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.6), width_ratios=(1.25, 1))
@@ -191,8 +210,9 @@ def plot_roc_confusion(scored: Scored, out: Path, split: str = "test",
     return _save(fig, out, dpi)
 
 
-def plot_roc_compare(scored: Sequence[Scored], out: Path, split: str = "test",
-                     dpi: int = DPI) -> Path:
+def plot_roc_compare(
+    scored: Sequence[Scored], out: Path, split: str = "test", dpi: int = DPI
+) -> Path:
     """The models' own ROC curves on one axis (they must share slices)."""
     plt = _pyplot()
     labels = scored[0].labels
@@ -210,8 +230,15 @@ def _split_text(labels: np.ndarray, split: str) -> str:
     return f"COVID-CT {split} split ({n} slices: {pos} COVID, {n - pos} non-COVID); {POSITIVE}"
 
 
-def plot_overlays(images: np.ndarray, maps: np.ndarray, labels: Sequence[int],
-                  probs: Sequence[float], title: str, out: Path, dpi: int = DPI) -> Path:
+def plot_overlays(
+    images: np.ndarray,
+    maps: np.ndarray,
+    labels: Sequence[int],
+    probs: Sequence[float],
+    title: str,
+    out: Path,
+    dpi: int = DPI,
+) -> Path:
     """Slices ``(K, H, W)`` in grey, their ``[0, 1]`` evidence maps on top (opacity grows with
     the evidence, so the anatomy stays readable), one row per true class, each titled with the
     true class and the model's P(COVID)."""
@@ -219,8 +246,7 @@ def plot_overlays(images: np.ndarray, maps: np.ndarray, labels: Sequence[int],
     rows = [[i for i, y in enumerate(labels) if y == cls] for cls in (1, 0)]
     rows = [r for r in rows if r]
     cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols, 2.9 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols, 2.9 * len(rows)), squeeze=False)
     cmap = plt.get_cmap("jet")
     for r, idx in enumerate(rows):
         for c in range(cols):
@@ -233,25 +259,35 @@ def plot_overlays(images: np.ndarray, maps: np.ndarray, labels: Sequence[int],
             rgba = cmap(np.clip(maps[i], 0.0, 1.0))
             rgba[..., 3] = 0.6 * np.clip(maps[i], 0.0, 1.0)  # no evidence: plain grey slice
             ax.imshow(rgba)
-            ax.set_title(f"true {CLASS_NAMES[labels[i]]}\nP(COVID) = {probs[i]:.2f}",
-                         fontsize=9)
+            ax.set_title(f"true {CLASS_NAMES[labels[i]]}\nP(COVID) = {probs[i]:.2f}", fontsize=9)
     from matplotlib.cm import ScalarMappable
 
-    fig.colorbar(ScalarMappable(cmap=cmap), ax=axes, shrink=0.7,
-                 label="evidence for COVID (per-slice max = 1)")
+    fig.colorbar(
+        ScalarMappable(cmap=cmap),
+        ax=axes,
+        shrink=0.7,
+        label="evidence for COVID (per-slice max = 1)",
+    )
     fig.suptitle(title, fontsize=10)
     return _save(fig, out, dpi)
 
 
-def plot_tsne(embedding: np.ndarray, labels: np.ndarray, title: str, out: Path,
-              dpi: int = DPI) -> Path:
+def plot_tsne(
+    embedding: np.ndarray, labels: np.ndarray, title: str, out: Path, dpi: int = DPI
+) -> Path:
     """The 2-D embedding, one colour per true class."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 5.2))
     for cls, colour in ((0, "tab:blue"), (1, "tab:red")):
         pts = embedding[labels == cls]
-        ax.scatter(pts[:, 0], pts[:, 1], s=14, c=colour, alpha=0.75,
-                   label=f"{CLASS_NAMES[cls]} ({len(pts)})")
+        ax.scatter(
+            pts[:, 0],
+            pts[:, 1],
+            s=14,
+            c=colour,
+            alpha=0.75,
+            label=f"{CLASS_NAMES[cls]} ({len(pts)})",
+        )
     ax.set(xticks=[], yticks=[], xlabel="t-SNE 1", ylabel="t-SNE 2")
     ax.legend(title="true label", fontsize=8)
     ax.set_title(title, fontsize=10)
@@ -264,8 +300,9 @@ def _stack(samples: Sequence[Sample], prep: Preprocessing) -> torch.Tensor:
     return torch.stack([ds[i]["image"] for i in range(len(ds))])
 
 
-def cam_figure(mv: ModelVersion, samples: Sequence[Sample], out: Path,
-               split: str = "test", dpi: int = DPI) -> Path:
+def cam_figure(
+    mv: ModelVersion, samples: Sequence[Sample], out: Path, split: str = "test", dpi: int = DPI
+) -> Path:
     """CAM overlays of a fusion model (paper Fig. 3) or Grad-CAM of a CNN on ``samples``."""
     from triaged.nets.cbam import BaselineCNN, prob_covid
     from triaged.nets.explain import fusion_cam, gradcam_cnn
@@ -286,10 +323,13 @@ def cam_figure(mv: ModelVersion, samples: Sequence[Sample], out: Path,
     else:
         raise ValueError(f"{mv.ref}: no explanation for {type(model).__name__}")
     labels = [int(s.label or 0) for s in samples]
-    title = (f"{mv.ref}: {kind}\nCOVID-CT {split} slices (seeded random, not chosen by "
-             f"result); {POSITIVE}")
-    return plot_overlays(images[:, 0].numpy(), maps, labels, [float(p) for p in probs],
-                         title, out, dpi)
+    title = (
+        f"{mv.ref}: {kind}\nCOVID-CT {split} slices (seeded random, not chosen by "
+        f"result); {POSITIVE}"
+    )
+    return plot_overlays(
+        images[:, 0].numpy(), maps, labels, [float(p) for p in probs], title, out, dpi
+    )
 
 
 # ---------------------------------------------------------------------------- all of it
@@ -309,8 +349,13 @@ def _slug(ref: str) -> str:
     return ref.replace(":", "-")
 
 
-def make_figures(store: ModelStore, samples: Sequence[Sample], out: Path,
-                 spec: FigureSpec = FigureSpec(), split: str = "test") -> list[Path]:
+def make_figures(
+    store: ModelStore,
+    samples: Sequence[Sample],
+    out: Path,
+    spec: FigureSpec = FigureSpec(),
+    split: str = "test",
+) -> list[Path]:
     """Every figure of the module for ``samples``; returns the PNGs written."""
     written: list[Path] = []
     scored: list[Scored] = []
@@ -319,8 +364,7 @@ def make_figures(store: ModelStore, samples: Sequence[Sample], out: Path,
         t0 = time.perf_counter()
         s = score_version(store.resolve(ref), samples)
         scored.append(s)
-        written.append(plot_roc_confusion(s, out / f"roc_{_slug(s.ref)}.png", split,
-                                          dpi=spec.dpi))
+        written.append(plot_roc_confusion(s, out / f"roc_{_slug(s.ref)}.png", split, dpi=spec.dpi))
         log.info("%s scored and plotted in %.1f s", s.ref, time.perf_counter() - t0)
     if len(scored) > 1:
         written.append(plot_roc_compare(scored, out / "roc_compare.png", split, spec.dpi))
@@ -331,17 +375,28 @@ def make_figures(store: ModelStore, samples: Sequence[Sample], out: Path,
         assert fusion.features is not None
         t0 = time.perf_counter()
         emb = tsne_embedding(fusion.features, spec.seed)
-        title = (f"{fusion.ref}: t-SNE of the fusion head input (pooled features of all "
-                 f"branches)\n{_split_text(fusion.labels, split)}")
-        written.append(plot_tsne(emb, fusion.labels, title,
-                                 out / f"tsne_{_slug(fusion.ref)}.png", spec.dpi))
-        written.append(cam_figure(store.resolve(spec.fusion), chosen,
-                                  out / f"cam_{_slug(fusion.ref)}.png", split, spec.dpi))
+        title = (
+            f"{fusion.ref}: t-SNE of the fusion head input (pooled features of all "
+            f"branches)\n{_split_text(fusion.labels, split)}"
+        )
+        written.append(
+            plot_tsne(emb, fusion.labels, title, out / f"tsne_{_slug(fusion.ref)}.png", spec.dpi)
+        )
+        written.append(
+            cam_figure(
+                store.resolve(spec.fusion),
+                chosen,
+                out / f"cam_{_slug(fusion.ref)}.png",
+                split,
+                spec.dpi,
+            )
+        )
         log.info("t-SNE and CAM in %.1f s", time.perf_counter() - t0)
     if spec.gradcam:
         mv = store.resolve(spec.gradcam)
-        written.append(cam_figure(mv, chosen, out / f"gradcam_{_slug(mv.ref)}.png", split,
-                                  spec.dpi))
+        written.append(
+            cam_figure(mv, chosen, out / f"gradcam_{_slug(mv.ref)}.png", split, spec.dpi)
+        )
     return written
 
 
@@ -353,14 +408,20 @@ def _test_split(data: str) -> list[Sample]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m triaged.training.figures",
-                                description="Figures of the reproduction report (test split).")
+    p = argparse.ArgumentParser(
+        prog="python -m triaged.training.figures",
+        description="Figures of the reproduction report (test split).",
+    )
     p.add_argument("--store", type=Path, required=True, help="model store")
     p.add_argument("--data", required=True, help="covid-ct:PATH (its test split is plotted)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
     p.add_argument("--fusion", default="fusion:v1", help="fusion version ('' for none)")
-    p.add_argument("--cnn", action="append", default=None,
-                   help="CNN version, repeatable (default cbam-cnn:v1 and plain-cnn:v1)")
+    p.add_argument(
+        "--cnn",
+        action="append",
+        default=None,
+        help="CNN version, repeatable (default cbam-cnn:v1 and plain-cnn:v1)",
+    )
     p.add_argument("--gradcam", default="cbam-cnn:v1", help="CNN for Grad-CAM ('' for none)")
     p.add_argument("--per-class", type=int, default=3, help="CAM slices per class")
     p.add_argument("--seed", type=int, default=0)
@@ -369,10 +430,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    spec = FigureSpec(fusion=args.fusion or None,
-                      cnns=tuple(args.cnn) if args.cnn is not None else FigureSpec.cnns,
-                      gradcam=args.gradcam or None, per_class=args.per_class, seed=args.seed,
-                      dpi=args.dpi)
+    spec = FigureSpec(
+        fusion=args.fusion or None,
+        cnns=tuple(args.cnn) if args.cnn is not None else FigureSpec.cnns,
+        gradcam=args.gradcam or None,
+        per_class=args.per_class,
+        seed=args.seed,
+        dpi=args.dpi,
+    )
     t0 = time.perf_counter()
     try:
         samples = _test_split(args.data)

@@ -182,7 +182,11 @@ def _batches(phase: Phase, rt: Runtime, epoch: int) -> Iterator[dict[str, Any]]:
     if hasattr(ds, "set_epoch"):
         ds.set_epoch(epoch)
     sampler: DistributedSampler[Any] = DistributedSampler(
-        ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=phase.seed,
+        ds,
+        num_replicas=rt.world_size,
+        rank=rt.rank,
+        shuffle=True,
+        seed=phase.seed,
         drop_last=False,
     )
     sampler.set_epoch(epoch)
@@ -208,8 +212,10 @@ def _broadcast(model: nn.Module, rt: Runtime) -> None:
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-            for k, v in batch.items()}
+    return {
+        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+        for k, v in batch.items()
+    }
 
 
 def run_phase(phase: Phase, run_dir: Path, rt: Runtime, progress: bool = True) -> PhaseResult:
@@ -251,8 +257,12 @@ def run_phase(phase: Phase, run_dir: Path, rt: Runtime, progress: bool = True) -
         torch.manual_seed(phase.seed * 7919 + epoch)
         phase.model.train()
         t0, total, count = time.monotonic(), 0.0, 0
-        bar = tqdm(_batches(phase, rt, epoch), desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
-                   disable=not (progress and rt.is_main), leave=False)
+        bar = tqdm(
+            _batches(phase, rt, epoch),
+            desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+            disable=not (progress and rt.is_main),
+            leave=False,
+        )
         for raw in bar:
             batch = _to(raw, rt.device)
             if phase.before_step is not None:
@@ -276,28 +286,47 @@ def run_phase(phase: Phase, run_dir: Path, rt: Runtime, progress: bool = True) -
         phase.model.eval()
         with torch.no_grad(), rt.autocast():
             metrics = phase.evaluate()
-        row = {"epoch": epoch + 1, "loss": total / max(count, 1),
-               "seconds": round(time.monotonic() - t0, 1),
-               "lr": phase.optimizer.param_groups[0]["lr"], **metrics}
+        row = {
+            "epoch": epoch + 1,
+            "loss": total / max(count, 1),
+            "seconds": round(time.monotonic() - t0, 1),
+            "lr": phase.optimizer.param_groups[0]["lr"],
+            **metrics,
+        }
         history.append(row)
         for name, key in phase.select.items():
             value = _score(metrics, key)
             prev = best.get(name)
-            better = prev is None or (not math.isnan(value) and (
-                math.isnan(prev["value"]) or value > prev["value"]))
+            better = prev is None or (
+                not math.isnan(value) and (math.isnan(prev["value"]) or value > prev["value"])
+            )
             if phase.keep == "last" or better:
                 best[name] = {"epoch": epoch + 1, "metric": key, "value": value}
                 best_states[name] = _module_state(phase.model, name)
-        log.info("%s epoch %d/%d %s", phase.name, epoch + 1, phase.epochs,
-                 " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in row.items() if k != "epoch"))
+        log.info(
+            "%s epoch %d/%d %s",
+            phase.name,
+            epoch + 1,
+            phase.epochs,
+            " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in row.items()
+                if k != "epoch"
+            ),
+        )
         if rt.is_main:
-            atomic_torch_save({
-                "epoch": epoch, "model": phase.model.state_dict(),
-                "optimizer": phase.optimizer.state_dict(),
-                "scheduler": phase.scheduler.state_dict() if phase.scheduler else None,
-                "history": history, "best": best, "best_states": best_states,
-            }, ckpt_file)
+            atomic_torch_save(
+                {
+                    "epoch": epoch,
+                    "model": phase.model.state_dict(),
+                    "optimizer": phase.optimizer.state_dict(),
+                    "scheduler": phase.scheduler.state_dict() if phase.scheduler else None,
+                    "history": history,
+                    "best": best,
+                    "best_states": best_states,
+                },
+                ckpt_file,
+            )
 
     for name, st in best_states.items():
         _load_module_state(phase.model, name, st)

@@ -42,8 +42,10 @@ def confusion(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
     """2x2 counts ``[[TN, FP], [FN, TP]]`` (scikit-learn's layout for labels 0, 1)."""
     t, p = _labels(y_true), _labels(y_pred)
     return np.array(
-        [[np.sum((t == 0) & (p == 0)), np.sum((t == 0) & (p == 1))],
-         [np.sum((t == 1) & (p == 0)), np.sum((t == 1) & (p == 1))]],
+        [
+            [np.sum((t == 0) & (p == 0)), np.sum((t == 0) & (p == 1))],
+            [np.sum((t == 1) & (p == 0)), np.sum((t == 1) & (p == 1))],
+        ],
         dtype=np.int64,
     )
 
@@ -174,12 +176,14 @@ def report(
     )
 
 
-def dice(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor,
-         eps: float = 1e-7) -> float:
+def dice(
+    pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, eps: float = 1e-7
+) -> float:
     """Dice overlap of two binary masks (any non-zero is foreground); 1.0 when both empty."""
     a = (pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)) != 0
-    b = (target.detach().cpu().numpy() if isinstance(target, torch.Tensor)
-         else np.asarray(target)) != 0
+    b = (
+        target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else np.asarray(target)
+    ) != 0
     if a.shape != b.shape:
         raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
     inter = float(np.logical_and(a, b).sum())

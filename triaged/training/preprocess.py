@@ -13,5 +13,12 @@ from triaged.pipeline.preprocess import (
     window_hu,
 )
 
-__all__ = ["LUNG_WINDOW", "Preprocessing", "Source", "read_grey", "resize", "to_unit_range",
-           "window_hu"]
+__all__ = [
+    "LUNG_WINDOW",
+    "Preprocessing",
+    "Source",
+    "read_grey",
+    "resize",
+    "to_unit_range",
+    "window_hu",
+]

@@ -118,13 +118,17 @@ class RetrainOptions(BaseModel):
         for spec in v:
             kind = spec.split(":", 1)[0]
             if kind not in DATA_KINDS or ":" not in spec:
-                raise ValueError(f"data {spec!r}: expected KIND:PATH with KIND in "
-                                 f"{', '.join(DATA_KINDS)}")
+                raise ValueError(
+                    f"data {spec!r}: expected KIND:PATH with KIND in {', '.join(DATA_KINDS)}"
+                )
         return v
 
     def fusion_settings(self) -> FusionSettings:
-        return _settings(FusionSettings, {"backbone": self.backbone, "init": self.init,
-                                          "seed": self.seed, **self.fusion}, "fusion")
+        return _settings(
+            FusionSettings,
+            {"backbone": self.backbone, "init": self.init, "seed": self.seed, **self.fusion},
+            "fusion",
+        )
 
     def semi_settings(self) -> SemiSettings:
         extra = dict(self.semi)
@@ -133,8 +137,9 @@ class RetrainOptions(BaseModel):
         return _settings(SemiSettings, {"seed": self.seed, **extra}, "semi")
 
     def baseline_settings(self, cbam: bool) -> BaselineSettings:
-        return _settings(BaselineSettings, {"seed": self.seed, **self.baseline, "cbam": cbam},
-                         "baseline")
+        return _settings(
+            BaselineSettings, {"seed": self.seed, **self.baseline, "cbam": cbam}, "baseline"
+        )
 
 
 def _settings(cls: Any, values: dict[str, Any], section: str) -> Any:
@@ -149,7 +154,8 @@ class DataBundle:
     """Classification and segmentation samples gathered from every data spec."""
 
     cls: dict[str, list[Sample]] = field(
-        default_factory=lambda: {"train": [], "val": [], "test": []})
+        default_factory=lambda: {"train": [], "val": [], "test": []}
+    )
     seg_labelled: list[Sample] = field(default_factory=list)
     seg_unlabelled: list[Sample] = field(default_factory=list)
     seg_test: list[Sample] = field(default_factory=list)
@@ -187,8 +193,11 @@ def gather_data(opts: RetrainOptions, run_dir: Path) -> DataBundle:
             with_lesion = [s for s in data["train"] if s.label == 1]
             half = max(2, len(with_lesion) // 2)
             b.seg_labelled += with_lesion[:half]
-            b.seg_unlabelled += [replace(s, mask=None, mask_lut=None, label=None)
-                                 for s in data["train"] if s not in with_lesion[:half]]
+            b.seg_unlabelled += [
+                replace(s, mask=None, mask_lut=None, label=None)
+                for s in data["train"]
+                if s not in with_lesion[:half]
+            ]
     return b
 
 
@@ -205,8 +214,9 @@ class RetrainResult:
     messages: list[str]
 
 
-def _cls_score(model: nn.Module, arch: str, samples: Sequence[Sample],
-               prep: Preprocessing, batch: int) -> tuple[np.ndarray, np.ndarray]:
+def _cls_score(
+    model: nn.Module, arch: str, samples: Sequence[Sample], prep: Preprocessing, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Labels and P(COVID) of a classifier (fusion head or CNN) over ``samples``."""
     from torch.utils.data import DataLoader
 
@@ -223,8 +233,9 @@ def _cls_score(model: nn.Module, arch: str, samples: Sequence[Sample],
     return np.concatenate(labels).astype(int), np.concatenate(probs)
 
 
-def _figure(mv_or_model: ModelVersion | nn.Module, samples: Sequence[Sample],
-            card: ModelCard) -> float:
+def _figure(
+    mv_or_model: ModelVersion | nn.Module, samples: Sequence[Sample], card: ModelCard
+) -> float:
     """The promotion figure of a model on ``samples``: AUC (classifiers) or Dice (Inf-Net)."""
     model = load_version(mv_or_model) if isinstance(mv_or_model, ModelVersion) else mv_or_model
     prep = Preprocessing.from_card(card.preprocessing)
@@ -232,36 +243,57 @@ def _figure(mv_or_model: ModelVersion | nn.Module, samples: Sequence[Sample],
     if arch == "infnet":
         from triaged.training.loop import Runtime
 
-        return mean_dice(model, SliceDataset(samples, prep, with_mask=True),  # type: ignore[arg-type]
-                         Runtime(torch.device("cpu"), "fp32"), 8)
+        return mean_dice(
+            model,  # type: ignore[arg-type]
+            SliceDataset(samples, prep, with_mask=True),
+            Runtime(torch.device("cpu"), "fp32"),
+            8,
+        )
     labels, probs = _cls_score(model, arch, samples, prep, 16)
     value = M.auc(labels, probs)
     return M.accuracy(labels, M.predictions(probs)) if math.isnan(value) else value
 
 
-def evaluate_model(model: nn.Module, arch: str, samples: Sequence[Sample],
-                   prep: Preprocessing, seed: int = 0) -> dict[str, Any]:
+def evaluate_model(
+    model: nn.Module, arch: str, samples: Sequence[Sample], prep: Preprocessing, seed: int = 0
+) -> dict[str, Any]:
     """Figures of a model on labelled slices: Dice (mean over slices) for Inf-Net, else the
     full classification report (accuracy, F1, AUC with bootstrap intervals...)."""
     if arch == "infnet":
         from triaged.training.loop import Runtime
 
         ds = SliceDataset(samples, prep, with_mask=True)
-        return {"n": len(samples), "dice": mean_dice(model, ds,  # type: ignore[arg-type]
-                                                     Runtime(torch.device("cpu"), "fp32"), 8)}
+        return {
+            "n": len(samples),
+            "dice": mean_dice(
+                model,  # type: ignore[arg-type]
+                ds,
+                Runtime(torch.device("cpu"), "fp32"),
+                8,
+            ),
+        }
     labels, probs = _cls_score(model, arch, samples, prep, 16)
     return M.report(labels, probs, seed=seed).as_dict()
 
 
-def evaluate_version(mv: ModelVersion, samples: Sequence[Sample], seed: int = 0,
-                     ) -> dict[str, Any]:
+def evaluate_version(
+    mv: ModelVersion,
+    samples: Sequence[Sample],
+    seed: int = 0,
+) -> dict[str, Any]:
     """:func:`evaluate_model` of a registered version, fed as its card says."""
-    return evaluate_model(load_version(mv), mv.card.architecture.name, samples,
-                          Preprocessing.from_card(mv.card.preprocessing), seed)
+    return evaluate_model(
+        load_version(mv),
+        mv.card.architecture.name,
+        samples,
+        Preprocessing.from_card(mv.card.preprocessing),
+        seed,
+    )
 
 
-def _promote(store: ModelStore, mv: ModelVersion, model: nn.Module,
-             val: Sequence[Sample]) -> tuple[bool, str]:
+def _promote(
+    store: ModelStore, mv: ModelVersion, model: nn.Module, val: Sequence[Sample]
+) -> tuple[bool, str]:
     live = store.live(mv.name)
     metric = "Dice" if mv.card.architecture.name == "infnet" else "AUC"
     new = _figure(model, val, mv.card)
@@ -270,20 +302,36 @@ def _promote(store: ModelStore, mv: ModelVersion, model: nn.Module,
         return True, f"{mv.ref} promoted (no live version before; val {metric} {new:.4f})"
     old = _figure(live, val, live.card)
     if new >= old or math.isnan(old):
-        store.promote(mv.name, mv.version,
-                      reason=f"val {metric} {new:.4f} >= live {live.ref} {old:.4f}")
+        store.promote(
+            mv.name, mv.version, reason=f"val {metric} {new:.4f} >= live {live.ref} {old:.4f}"
+        )
         return True, f"{mv.ref} promoted: val {metric} {new:.4f} >= {old:.4f} of {live.ref}"
-    return False, (f"{mv.ref} NOT promoted: val {metric} {new:.4f} < {old:.4f} of live "
-                   f"{live.ref} on the same {len(val)} validation slices")
+    return False, (
+        f"{mv.ref} NOT promoted: val {metric} {new:.4f} < {old:.4f} of live "
+        f"{live.ref} on the same {len(val)} validation slices"
+    )
 
 
-def _card(arch: Architecture, data: DataBundle, split: str, counts: dict[str, int],
-          metrics: dict[str, Any], training: dict[str, Any], prep: Preprocessing, seed: int,
-          notes: str = "") -> ModelCard:
-    return ModelCard(architecture=arch,
-                     data=TrainingData(sources=data.sources, split=split, counts=counts),
-                     metrics=metrics, training=training, preprocessing=prep.as_card(),
-                     seed=seed, notes=notes)
+def _card(
+    arch: Architecture,
+    data: DataBundle,
+    split: str,
+    counts: dict[str, int],
+    metrics: dict[str, Any],
+    training: dict[str, Any],
+    prep: Preprocessing,
+    seed: int,
+    notes: str = "",
+) -> ModelCard:
+    return ModelCard(
+        architecture=arch,
+        data=TrainingData(sources=data.sources, split=split, counts=counts),
+        metrics=metrics,
+        training=training,
+        preprocessing=prep.as_card(),
+        seed=seed,
+        notes=notes,
+    )
 
 
 def _prepare_run_dir(opts: RetrainOptions) -> Path:
@@ -297,8 +345,10 @@ def _prepare_run_dir(opts: RetrainOptions) -> Path:
         old = read_json(cfg_file)
         if old != cfg:
             diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
-            raise RetrainError(f"{run_dir} holds a run with other options ({', '.join(diff)}); "
-                               "use a new --run-dir or the same options to resume")
+            raise RetrainError(
+                f"{run_dir} holds a run with other options ({', '.join(diff)}); "
+                "use a new --run-dir or the same options to resume"
+            )
     else:
         write_json(cfg_file, cfg)
     return run_dir
@@ -330,8 +380,10 @@ def retrain(opts: RetrainOptions) -> RetrainResult:
         handler.close()
 
 
-CLS_SPLIT = ("validation split of the data sources (COVID-CT: official Data-split; DICOM: "
-             "split column or stable hash of the study)")
+CLS_SPLIT = (
+    "validation split of the data sources (COVID-CT: official Data-split; DICOM: "
+    "split column or stable hash of the study)"
+)
 
 
 @dataclass
@@ -351,8 +403,14 @@ class _Run:
     def cls_counts(self) -> dict[str, int]:
         return {"train": len(self.data.cls["train"]), "val": len(self.data.cls["val"])}
 
-    def register(self, name: str, model: nn.Module, card: ModelCard,
-                 val_set: Sequence[Sample], files: dict[str, bytes] | None = None) -> None:
+    def register(
+        self,
+        name: str,
+        model: nn.Module,
+        card: ModelCard,
+        val_set: Sequence[Sample],
+        files: dict[str, bytes] | None = None,
+    ) -> None:
         """Store the model (rank 0 only) and, when asked, promote it if it is better."""
         if not self.rt.is_main:
             return
@@ -374,14 +432,25 @@ def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
     run = _Run(opts, run_dir, rt, ModelStore(opts.store), gather_data(opts, run_dir))
     data = run.data
     train, val, test = data.cls["train"], data.cls["val"], data.cls["test"]
-    log.info("retrain in %s: stages %s; %d/%d/%d classification slices, %d+%d segmentation, "
-             "%s %s on %s", run_dir, ",".join(opts.stages), len(train), len(val), len(test),
-             len(data.seg_labelled), len(data.seg_unlabelled), rt.device, rt.precision,
-             f"rank {rt.rank}/{rt.world_size}")
+    log.info(
+        "retrain in %s: stages %s; %d/%d/%d classification slices, %d+%d segmentation, %s %s on %s",
+        run_dir,
+        ",".join(opts.stages),
+        len(train),
+        len(val),
+        len(test),
+        len(data.seg_labelled),
+        len(data.seg_unlabelled),
+        rt.device,
+        rt.precision,
+        f"rank {rt.rank}/{rt.world_size}",
+    )
     need_cls = [s for s in opts.stages if s != "infnet"]
     if need_cls and (not train or not val):
-        raise RetrainError(f"stages {','.join(need_cls)} need labelled classification data "
-                           "with train and val slices (covid-ct:, manifest:, labels:, synthetic:)")
+        raise RetrainError(
+            f"stages {','.join(need_cls)} need labelled classification data "
+            "with train and val slices (covid-ct:, manifest:, labels:, synthetic:)"
+        )
 
     infnet_state: dict[str, torch.Tensor] | None = None
     if "infnet" in opts.stages:
@@ -395,8 +464,14 @@ def _retrain(opts: RetrainOptions, run_dir: Path) -> RetrainResult:
         if variant in opts.stages:
             _cnn_stage(run, variant)
 
-    write_json(run_dir / "result.json", {"versions": [v.ref for v in run.versions],
-                                         "promoted": run.promoted, "messages": run.messages})
+    write_json(
+        run_dir / "result.json",
+        {
+            "versions": [v.ref for v in run.versions],
+            "promoted": run.promoted,
+            "messages": run.messages,
+        },
+    )
     return RetrainResult(run_dir, run.versions, run.promoted, run.messages)
 
 
@@ -404,31 +479,43 @@ def _infnet_stage(run: _Run) -> dict[str, torch.Tensor]:
     """Algorithm 1 (semi-supervised Inf-Net); registers ``infnet``, returns its weights."""
     data, opts = run.data, run.opts
     if not data.seg_labelled:
-        raise RetrainError("stage infnet needs segmentation data (semiseg:, medseg:, "
-                           "synthetic:)")
+        raise RetrainError("stage infnet needs segmentation data (semiseg:, medseg:, synthetic:)")
     s = opts.semi_settings()
     seed_everything(s.seed)
-    res = train_semi(data.seg_labelled, data.seg_unlabelled, s, run.run_dir / "infnet", run.rt,
-                     progress=opts.progress)
+    res = train_semi(
+        data.seg_labelled,
+        data.seg_unlabelled,
+        s,
+        run.run_dir / "infnet",
+        run.rt,
+        progress=opts.progress,
+    )
     state = res.model.state_dict()
     val_seg = split_labelled(data.seg_labelled, s.val_fraction)[1]
     prep = Preprocessing(size=s.input_size)
     metrics: dict[str, Any] = {"dice": res.val_dice, "rounds": [r.best for r in res.rounds]}
     if opts.report_test and data.seg_test:
         metrics["test"] = evaluate_model(res.model.cpu(), "infnet", data.seg_test, prep)
-    card = _card(Architecture(name="infnet", params={"channel": s.channel,
-                                                     "input_size": s.input_size}),
-                 data, f"doctor-labelled slices, {s.val_fraction:.0%} held out by a stable "
-                 "hash for validation; unlabelled pool pseudo-labelled in rounds",
-                 {"labelled": res.n_labelled, "pseudo": res.n_pseudo, "val": res.n_val},
-                 metrics, s.as_card(), prep, s.seed)
+    card = _card(
+        Architecture(name="infnet", params={"channel": s.channel, "input_size": s.input_size}),
+        data,
+        f"doctor-labelled slices, {s.val_fraction:.0%} held out by a stable "
+        "hash for validation; unlabelled pool pseudo-labelled in rounds",
+        {"labelled": res.n_labelled, "pseudo": res.n_pseudo, "val": res.n_val},
+        metrics,
+        s.as_card(),
+        prep,
+        s.seed,
+    )
     run.register("infnet", res.model, card, val_seg)
     return state
 
 
-def _fusion_start(run: _Run, fusion_stages: list[int],
-                  infnet_state: dict[str, torch.Tensor] | None,
-                  ) -> tuple[FusionNet, FusionSettings, str]:
+def _fusion_start(
+    run: _Run,
+    fusion_stages: list[int],
+    infnet_state: dict[str, torch.Tensor] | None,
+) -> tuple[FusionNet, FusionSettings, str]:
     """The fusion model the stages start from (``--start-from`` or new) with its Inf-Net."""
     opts, store = run.opts, run.store
     fs = opts.fusion_settings()
@@ -447,46 +534,67 @@ def _fusion_start(run: _Run, fusion_stages: list[int],
     elif 2 in fusion_stages and not opts.start_from:
         live_inf = store.live("infnet")
         if live_inf is None:
-            raise RetrainError("stage 2 needs an Inf-Net: add stage infnet, pass "
-                               "--infnet-from NAME:VERSION, or promote an infnet version")
+            raise RetrainError(
+                "stage 2 needs an Inf-Net: add stage infnet, pass "
+                "--infnet-from NAME:VERSION, or promote an infnet version"
+            )
         model.infnet.load_state_dict(load_version(live_inf).state_dict())
         init_desc += f"; Inf-Net {live_inf.ref}"
     return model, fs, init_desc
 
 
-def _fusion_stages(run: _Run, fusion_stages: list[int],
-                   infnet_state: dict[str, torch.Tensor] | None) -> None:
+def _fusion_stages(
+    run: _Run, fusion_stages: list[int], infnet_state: dict[str, torch.Tensor] | None
+) -> None:
     """Algorithm 2 (staged fusion training); registers ``fusion``."""
     opts, data = run.opts, run.data
     train, val, test = data.cls["train"], data.cls["val"], data.cls["test"]
     model, fs, init_desc = _fusion_start(run, fusion_stages, infnet_state)
     results = {}
     for st in fusion_stages:
-        results[f"stage{st}"] = run_stage(st, model, train, val, fs, run.run_dir / f"stage{st}",
-                                          run.rt, opts.progress)
+        results[f"stage{st}"] = run_stage(
+            st, model, train, val, fs, run.run_dir / f"stage{st}", run.rt, opts.progress
+        )
     prep = Preprocessing(size=fs.input_size)
     model.to("cpu")
-    labels, probs = collect(model, SliceDataset(val, prep), ["global", "heatmap",
-                                                             "infected", "fusion"],
-                            setup_runtime("fp32", "cpu"), fs.batch_size)
+    labels, probs = collect(
+        model,
+        SliceDataset(val, prep),
+        ["global", "heatmap", "infected", "fusion"],
+        setup_runtime("fp32", "cpu"),
+        fs.batch_size,
+    )
     report = M.report(labels, probs["fusion"], seed=opts.seed)
-    metrics: dict[str, Any] = {"val": report.as_dict(), "auc_branches": {
-        h: M.auc(labels, p) for h, p in probs.items()},
-        "stages": {k: r.best for k, r in results.items()}}
+    metrics: dict[str, Any] = {
+        "val": report.as_dict(),
+        "auc_branches": {h: M.auc(labels, p) for h, p in probs.items()},
+        "stages": {k: r.best for k, r in results.items()},
+    }
     if opts.report_test and test:
-        tl, tp = collect(model, SliceDataset(test, prep), ["fusion"],
-                         setup_runtime("fp32", "cpu"), fs.batch_size)
+        tl, tp = collect(
+            model, SliceDataset(test, prep), ["fusion"], setup_runtime("fp32", "cpu"), fs.batch_size
+        )
         metrics["test"] = M.report(tl, tp["fusion"], seed=opts.seed).as_dict()
-    card = _card(Architecture(name="fusion", params=_config(model)), data, CLS_SPLIT,
-                 run.cls_counts, metrics, {**fs.as_card(), "init": init_desc,
-                                           "stages_run": fusion_stages},
-                 prep, fs.seed)
+    card = _card(
+        Architecture(name="fusion", params=_config(model)),
+        data,
+        CLS_SPLIT,
+        run.cls_counts,
+        metrics,
+        {**fs.as_card(), "init": init_desc, "stages_run": fusion_stages},
+        prep,
+        fs.seed,
+    )
     card, files = _with_ood_fit(run, card, train, prep)
     run.register("fusion", model, card, val, files)
 
 
-def _with_ood_fit(run: _Run, card: ModelCard, train: Sequence[Sample], prep: Preprocessing,
-                  ) -> tuple[ModelCard, dict[str, bytes] | None]:
+def _with_ood_fit(
+    run: _Run,
+    card: ModelCard,
+    train: Sequence[Sample],
+    prep: Preprocessing,
+) -> tuple[ModelCard, dict[str, bytes] | None]:
     """The card and files of the fusion version plus its OOD fit on the training slices
     (``triaged.pipeline.ood``); without it when the fit cannot be made (too few slices)."""
     if not run.rt.is_main:
@@ -511,13 +619,23 @@ def _cnn_stage(run: _Run, variant: str) -> None:
     cnn.to("cpu")
     prep = Preprocessing(size=bs.size)
     cnn_labels, cnn_probs = _cls_score(cnn, "baseline-cnn", val, prep, bs.batch_size)
-    metrics = {"val": M.report(cnn_labels, cnn_probs, seed=opts.seed).as_dict(),
-               "history": cnn_res.history}
+    metrics = {
+        "val": M.report(cnn_labels, cnn_probs, seed=opts.seed).as_dict(),
+        "history": cnn_res.history,
+    }
     if opts.report_test and test:
         test_labels, test_probs = _cls_score(cnn, "baseline-cnn", test, prep, bs.batch_size)
         metrics["test"] = M.report(test_labels, test_probs, seed=opts.seed).as_dict()
-    card = _card(Architecture(name="baseline-cnn", params={"cbam": bs.cbam, "size": bs.size}),
-                 data, CLS_SPLIT, run.cls_counts, metrics, bs.as_card(), prep, bs.seed)
+    card = _card(
+        Architecture(name="baseline-cnn", params={"cbam": bs.cbam, "size": bs.size}),
+        data,
+        CLS_SPLIT,
+        run.cls_counts,
+        metrics,
+        bs.as_card(),
+        prep,
+        bs.seed,
+    )
     run.register(f"{variant}-cnn", cnn, card, val)
 
 
@@ -530,8 +648,10 @@ def _config(model: nn.Module) -> dict[str, Any]:
 def _brief(metrics: dict[str, Any]) -> str:
     val = metrics.get("val")
     if isinstance(val, dict):
-        return (f"val AUC {val['auc']:.3f} acc {val['accuracy']:.3f} F1 {val['f1']:.3f} "
-                f"on {val['n']} slices")
+        return (
+            f"val AUC {val['auc']:.3f} acc {val['accuracy']:.3f} F1 {val['f1']:.3f} "
+            f"on {val['n']} slices"
+        )
     if "dice" in metrics:
         return f"val Dice {metrics['dice']:.3f}"
     return "no metrics"
@@ -543,8 +663,11 @@ def read_options_file(path: Path) -> dict[str, Any]:
     import tomllib
 
     try:
-        raw = (tomllib.loads(path.read_text(encoding="utf-8")) if path.suffix == ".toml"
-               else json.loads(path.read_text(encoding="utf-8")))
+        raw = (
+            tomllib.loads(path.read_text(encoding="utf-8"))
+            if path.suffix == ".toml"
+            else json.loads(path.read_text(encoding="utf-8"))
+        )
     except (OSError, ValueError) as exc:
         raise RetrainError(f"{path}: {exc}") from exc
     if not isinstance(raw, dict):
@@ -558,8 +681,17 @@ def load_options(path: Path, **overrides: Any) -> RetrainOptions:
     return RetrainOptions.model_validate({**read_options_file(path), **overrides})
 
 
-__all__ = ["RegistryError", "RetrainError", "RetrainOptions", "RetrainResult", "evaluate_model",
-           "evaluate_version", "load_options", "read_options_file", "retrain"]
+__all__ = [
+    "RegistryError",
+    "RetrainError",
+    "RetrainOptions",
+    "RetrainResult",
+    "evaluate_model",
+    "evaluate_version",
+    "load_options",
+    "read_options_file",
+    "retrain",
+]
 
 
 def fit_existing(
@@ -576,8 +708,9 @@ def fit_existing(
     checking, like any version."""
     mv = store.resolve(ref)
     if mv.card.architecture.name != "fusion":
-        raise RegistryError(f"{mv.ref} is a {mv.card.architecture.name!r} model; "
-                            "the OOD fit is for fusion models")
+        raise RegistryError(
+            f"{mv.ref} is a {mv.card.architecture.name!r} model; the OOD fit is for fusion models"
+        )
     opts = RetrainOptions(data=data, store=store.root, slices_per_study=slices_per_study)
     with tempfile.TemporaryDirectory(prefix="triaged-ood-") as tmp:
         samples = gather_data(opts, Path(tmp)).cls["train"]
@@ -586,6 +719,11 @@ def fit_existing(
         prep = Preprocessing.from_card(mv.card.preprocessing)
         fitted = fit_on_samples(samples, prep, quantile=quantile, max_share=max_share)
     new = register_with_fit(store, mv, fitted, data)
-    log.info("registered %s: %s + OOD fit on %d slices (threshold %.3g)", new.ref, mv.ref,
-             fitted.slices, fitted.threshold)
+    log.info(
+        "registered %s: %s + OOD fit on %d slices (threshold %.3g)",
+        new.ref,
+        mv.ref,
+        fitted.slices,
+        fitted.threshold,
+    )
     return new

@@ -65,8 +65,11 @@ class SemiSettings:
     seed: int = 0
 
     def as_card(self) -> dict[str, Any]:
-        return {"algorithm": "Nguyen et al. 2021 Algorithm 1 / Semi-Inf-Net", "optimizer": "Adam",
-                **asdict(self)}
+        return {
+            "algorithm": "Nguyen et al. 2021 Algorithm 1 / Semi-Inf-Net",
+            "optimizer": "Adam",
+            **asdict(self),
+        }
 
 
 def build_infnet(s: SemiSettings) -> tuple[InfNet, str]:
@@ -83,8 +86,10 @@ def mean_dice(model: InfNet, ds: SliceDataset, rt: Runtime, batch_size: int) -> 
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def _rescale(scales: Sequence[float], size: int,
-             ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+def _rescale(
+    scales: Sequence[float],
+    size: int,
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Multi-scale training: each batch at a random scale (torch RNG, reseeded per epoch)."""
 
     def before(batch: dict[str, Any]) -> dict[str, Any]:
@@ -92,15 +97,25 @@ def _rescale(scales: Sequence[float], size: int,
         s = max(32, round(size * scale / 32.0) * 32)
         if s == batch["image"].shape[-1]:
             return batch
-        return {**batch,
-                "image": F.interpolate(batch["image"], size=(s, s), mode="bilinear",
-                                       align_corners=False),
-                "mask": F.interpolate(batch["mask"], size=(s, s), mode="nearest")}
+        return {
+            **batch,
+            "image": F.interpolate(
+                batch["image"], size=(s, s), mode="bilinear", align_corners=False
+            ),
+            "mask": F.interpolate(batch["mask"], size=(s, s), mode="nearest"),
+        }
+
     return before
 
 
-def pseudo_label(model: InfNet, chunk: Sequence[Sample], out_dir: Path, prep: Preprocessing,
-                 rt: Runtime, batch_size: int) -> list[Sample]:
+def pseudo_label(
+    model: InfNet,
+    chunk: Sequence[Sample],
+    out_dir: Path,
+    prep: Preprocessing,
+    rt: Runtime,
+    batch_size: int,
+) -> list[Sample]:
     """Predicted masks for ``chunk`` as 0/255 PNGs at each image's own size (reused if there)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result: list[Sample] = []
@@ -111,13 +126,21 @@ def pseudo_label(model: InfNet, chunk: Sequence[Sample], out_dir: Path, prep: Pr
         for p, i in zip(prob, b["index"].tolist(), strict=True):
             s = todo[i]
             h, w = load_image(s).shape
-            full = F.interpolate(p[None, None], size=(h, w), mode="bilinear",
-                                 align_corners=False)[0, 0]
+            full = F.interpolate(p[None, None], size=(h, w), mode="bilinear", align_corners=False)[
+                0, 0
+            ]
             mask = ((full > 0.5).numpy().astype(np.uint8)) * 255
             Image.fromarray(mask).save(out_dir / f"{_safe(s.id)}.png")
     for s in chunk:
-        result.append(replace(s, mask=out_dir / f"{_safe(s.id)}.png", mask_lut=BINARY_LUT,
-                              split="pseudo", meta={**s.meta, "pseudo_label": True}))
+        result.append(
+            replace(
+                s,
+                mask=out_dir / f"{_safe(s.id)}.png",
+                mask_lut=BINARY_LUT,
+                split="pseudo",
+                meta={**s.meta, "pseudo_label": True},
+            )
+        )
     return result
 
 
@@ -125,8 +148,10 @@ def _safe(sample_id: str) -> str:
     return sample_id.replace("/", "__")
 
 
-def split_labelled(labelled: Sequence[Sample], fraction: float,
-                   ) -> tuple[list[Sample], list[Sample]]:
+def split_labelled(
+    labelled: Sequence[Sample],
+    fraction: float,
+) -> tuple[list[Sample], list[Sample]]:
     """(train, val): exactly ``round(fraction * n)`` slices (at least one) go to validation,
     chosen by a stable hash of their group, so the count never depends on hash luck (a 10 %
     threshold on 50 slices once gave a single validation slice)."""
@@ -147,9 +172,16 @@ class SemiResult:
     n_val: int
 
 
-def train_semi(labelled: Sequence[Sample], unlabelled: Sequence[Sample], s: SemiSettings,
-               run_dir: Path, rt: Runtime, val: Sequence[Sample] | None = None,
-               model: InfNet | None = None, progress: bool = True) -> SemiResult:
+def train_semi(
+    labelled: Sequence[Sample],
+    unlabelled: Sequence[Sample],
+    s: SemiSettings,
+    run_dir: Path,
+    rt: Runtime,
+    val: Sequence[Sample] | None = None,
+    model: InfNet | None = None,
+    progress: bool = True,
+) -> SemiResult:
     """Run Algorithm 1 in ``run_dir``; resumes finished rounds and pseudo labels."""
     if val is None:
         labelled, val = split_labelled(labelled, s.val_fraction)
@@ -170,18 +202,27 @@ def train_semi(labelled: Sequence[Sample], unlabelled: Sequence[Sample], s: Semi
         n_rounds = min(n_rounds, s.max_rounds)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "semi_plan.json", {
-            "labelled": len(labelled), "val": len(val), "pool": len(pool), "chunk": chunk,
-            "rounds": n_rounds, "settings": s.as_card()})
+        write_json(
+            run_dir / "semi_plan.json",
+            {
+                "labelled": len(labelled),
+                "val": len(val),
+                "pool": len(pool),
+                "chunk": chunk,
+                "rounds": n_rounds,
+                "settings": s.as_card(),
+            },
+        )
     train_set = list(labelled)
     rounds: list[PhaseResult] = []
     for k in range(n_rounds + 1):
         if k > 0:
-            part = pool[(k - 1) * chunk: k * chunk]
+            part = pool[(k - 1) * chunk : k * chunk]
             model.eval()
             with rt.autocast():
-                train_set += pseudo_label(model, part, run_dir / "pseudo" / f"round_{k:02d}",
-                                          prep, rt, s.batch_size)
+                train_set += pseudo_label(
+                    model, part, run_dir / "pseudo" / f"round_{k:02d}", prep, rt, s.batch_size
+                )
         ds = SliceDataset(train_set, prep, augment=s.augment, seed=s.seed + k, with_mask=True)
         opt = torch.optim.Adam(model.parameters(), lr=s.lr)
 
@@ -191,16 +232,26 @@ def train_semi(labelled: Sequence[Sample], unlabelled: Sequence[Sample], s: Semi
         def evaluate() -> dict[str, float]:
             return {"dice": mean_dice(model, val_ds, rt, s.batch_size)}
 
-        phase = Phase(name=f"infnet-round{k:02d}", model=model,
-                      params=list(model.parameters()), train_set=ds, loss=loss,
-                      evaluate=evaluate, optimizer=opt,
-                      epochs=s.epochs_first if k == 0 else s.epochs_per_round,
-                      batch_size=s.batch_size, select={"": "dice"}, seed=s.seed + 1000 * k,
-                      grad_clip=s.grad_clip, before_step=_rescale(s.scales, s.input_size))
+        phase = Phase(
+            name=f"infnet-round{k:02d}",
+            model=model,
+            params=list(model.parameters()),
+            train_set=ds,
+            loss=loss,
+            evaluate=evaluate,
+            optimizer=opt,
+            epochs=s.epochs_first if k == 0 else s.epochs_per_round,
+            batch_size=s.batch_size,
+            select={"": "dice"},
+            seed=s.seed + 1000 * k,
+            grad_clip=s.grad_clip,
+            before_step=_rescale(s.scales, s.input_size),
+        )
         rounds.append(run_phase(phase, run_dir / f"round_{k:02d}", rt, progress))
         if k > 0 and rt.is_main:  # only the latest round's weights are needed to resume
             (run_dir / f"round_{k - 1:02d}" / "best.pt").unlink(missing_ok=True)
     model.eval()
     final = rounds[-1].metrics.get("dice", float("nan"))
-    return SemiResult(model, rounds, float(final), len(labelled),
-                      len(train_set) - len(labelled), len(val))
+    return SemiResult(
+        model, rounds, float(final), len(labelled), len(train_set) - len(labelled), len(val)
+    )

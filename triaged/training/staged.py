@@ -53,14 +53,22 @@ class FusionSettings:
     seed: int = 0
 
     def as_card(self) -> dict[str, Any]:
-        return {"algorithm": "Nguyen et al. 2021, Algorithm 2", "optimizer": "SGD",
-                "lr_schedule": f"x0.1 after {self.lr_step} epochs", **asdict(self)}
+        return {
+            "algorithm": "Nguyen et al. 2021, Algorithm 2",
+            "optimizer": "SGD",
+            "lr_schedule": f"x0.1 after {self.lr_step} epochs",
+            **asdict(self),
+        }
 
 
 def build_fusion(settings: FusionSettings) -> tuple[FusionNet, str]:
     """A new fusion model; every branch backbone initialised per ``settings.init``."""
-    model = FusionNet(backbone=settings.backbone, input_size=settings.input_size,
-                      infnet_size=settings.infnet_size, tau=settings.tau)
+    model = FusionNet(
+        backbone=settings.backbone,
+        input_size=settings.input_size,
+        infnet_size=settings.infnet_size,
+        tau=settings.tau,
+    )
     desc = ""
     for branch in (model.global_branch, model.heatmap_branch, model.infected_branch):
         desc = init_backbone(branch.backbone, settings.init)
@@ -78,8 +86,13 @@ def head_metrics(labels: np.ndarray, probs: dict[str, np.ndarray]) -> dict[str, 
 
 
 @torch.no_grad()
-def collect(model: FusionNet, ds: Dataset[dict[str, Any]], heads: Sequence[str],
-            rt: Runtime, batch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def collect(
+    model: FusionNet,
+    ds: Dataset[dict[str, Any]],
+    heads: Sequence[str],
+    rt: Runtime,
+    batch_size: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Labels and per-head probabilities over ``ds`` (no gradients; model as it is)."""
     labels: list[np.ndarray] = []
     probs: dict[str, list[np.ndarray]] = {h: [] for h in heads}
@@ -90,15 +103,21 @@ def collect(model: FusionNet, ds: Dataset[dict[str, Any]], heads: Sequence[str],
             logits = {"global": model.global_branch(x)}
         else:
             out = model(x)
-            logits = {"global": out.logit_global, "heatmap": out.logit_heatmap,
-                      "infected": out.logit_infected, "fusion": out.logit_fusion}
+            logits = {
+                "global": out.logit_global,
+                "heatmap": out.logit_heatmap,
+                "infected": out.logit_infected,
+                "fusion": out.logit_fusion,
+            }
         for h in heads:
             probs[h].append(torch.sigmoid(logits[h].float()).cpu().numpy())
     return np.concatenate(labels).astype(int), {h: np.concatenate(v) for h, v in probs.items()}
 
 
-def _sgd(params: list[torch.nn.Parameter], s: FusionSettings,
-         ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def _sgd(
+    params: list[torch.nn.Parameter],
+    s: FusionSettings,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=s.lr_step, gamma=0.1)
 
@@ -120,8 +139,9 @@ class FeatureSet(Dataset[dict[str, Any]]):
         return {"features": self.features[i], "label": self.labels[i]}
 
 
-def cached_features(model: FusionNet, ds: SliceDataset, path: Path, rt: Runtime,
-                    batch_size: int) -> FeatureSet:
+def cached_features(
+    model: FusionNet, ds: SliceDataset, path: Path, rt: Runtime, batch_size: int
+) -> FeatureSet:
     """Pooled features of every branch for ``ds``, computed once and kept in ``path``."""
     if path.exists():
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -130,8 +150,9 @@ def cached_features(model: FusionNet, ds: SliceDataset, path: Path, rt: Runtime,
     model.eval()
     with rt.autocast():
         for batch in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0):
-            feats.append(pooled_features(model, batch["image"].to(rt.device))
-                         .fusion_input().float().cpu())
+            feats.append(
+                pooled_features(model, batch["image"].to(rt.device)).fusion_input().float().cpu()
+            )
             labels.append(batch["label"])
     out = FeatureSet(torch.cat(feats), torch.cat(labels))
     if rt.is_main:
@@ -139,9 +160,16 @@ def cached_features(model: FusionNet, ds: SliceDataset, path: Path, rt: Runtime,
     return out
 
 
-def run_stage(stage: int, model: FusionNet, train: Sequence[Sample], val: Sequence[Sample],
-              s: FusionSettings, run_dir: Path, rt: Runtime, progress: bool = True,
-              ) -> PhaseResult:
+def run_stage(
+    stage: int,
+    model: FusionNet,
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    s: FusionSettings,
+    run_dir: Path,
+    rt: Runtime,
+    progress: bool = True,
+) -> PhaseResult:
     """Train one stage of Algorithm 2 in ``run_dir``; ``model`` ends with its best weights."""
     model.to(rt.device)
     prep = Preprocessing(size=s.input_size)
@@ -149,8 +177,9 @@ def run_stage(stage: int, model: FusionNet, train: Sequence[Sample], val: Sequen
     val_ds = SliceDataset(val, prep)
     bs = s.batch_size
     if stage in (1, 2):
-        train_ds: Dataset[dict[str, Any]] = SliceDataset(train, prep, augment=s.augment,
-                                                         seed=s.seed)
+        train_ds: Dataset[dict[str, Any]] = SliceDataset(
+            train, prep, augment=s.augment, seed=s.seed
+        )
         heads = ["global"] if stage == 1 else ["heatmap", "infected"]
 
         def evaluate() -> dict[str, float]:
@@ -159,18 +188,23 @@ def run_stage(stage: int, model: FusionNet, train: Sequence[Sample], val: Sequen
 
         loss: Callable[[dict[str, Any]], torch.Tensor]
         if stage == 1:
+
             def loss(b: dict[str, Any]) -> torch.Tensor:
                 return _bce(model.global_branch(b["image"]), b["label"])
+
             select = {"global_branch": "auc_global"}
         else:
+
             def loss(b: dict[str, Any]) -> torch.Tensor:
                 out = model(b["image"])
                 return _bce(out.logit_heatmap, b["label"]) + _bce(out.logit_infected, b["label"])
+
             select = {"heatmap_branch": "auc_heatmap", "infected_branch": "auc_infected"}
     elif stage == 3:
         run_dir.mkdir(parents=True, exist_ok=True)
-        train_ds = cached_features(model, SliceDataset(train, prep), run_dir / "features.pt",
-                                   rt, bs)
+        train_ds = cached_features(
+            model, SliceDataset(train, prep), run_dir / "features.pt", rt, bs
+        )
         val_feats = cached_features(model, val_ds, run_dir / "val_features.pt", rt, bs)
 
         def evaluate() -> dict[str, float]:
@@ -180,13 +214,25 @@ def run_stage(stage: int, model: FusionNet, train: Sequence[Sample], val: Sequen
 
         def loss(b: dict[str, Any]) -> torch.Tensor:
             return _bce(model.fusion_logit(b["features"]), b["label"])
+
         select = {"fusion_head": "auc_fusion"}
     else:
         raise ValueError(f"stage must be 1, 2 or 3, not {stage}")
     opt, sched = _sgd(params, s)
-    phase = Phase(name=f"stage{stage}", model=model, params=params, train_set=train_ds,
-                  loss=loss, evaluate=evaluate, optimizer=opt, scheduler=sched,
-                  epochs=s.epochs, batch_size=bs, select=select, seed=s.seed + stage)
+    phase = Phase(
+        name=f"stage{stage}",
+        model=model,
+        params=params,
+        train_set=train_ds,
+        loss=loss,
+        evaluate=evaluate,
+        optimizer=opt,
+        scheduler=sched,
+        epochs=s.epochs,
+        batch_size=bs,
+        select=select,
+        seed=s.seed + stage,
+    )
     result = run_phase(phase, run_dir, rt, progress)
     set_stage(model, None)
     model.eval()

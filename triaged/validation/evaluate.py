@@ -66,8 +66,9 @@ def read_labels(path: Path) -> list[LabelRow]:
             header = [h.strip() for h in reader.fieldnames or []]
             unknown = [h for h in header if h not in COLUMNS]
             if unknown:
-                raise LabelsError(f"{path}: unknown column {unknown[0]!r} "
-                                  f"(columns: study, label, patient)")
+                raise LabelsError(
+                    f"{path}: unknown column {unknown[0]!r} (columns: study, label, patient)"
+                )
             for needed in ("study", "label"):
                 if needed not in header:
                     raise LabelsError(f"{path}: missing column {needed!r}")
@@ -154,8 +155,10 @@ class StudySource:
         with Session(self._engine) as s:
             rows = study_file_identities(s, uid)
         if not rows:
-            raise LabelsError(f"study {uid} is not a folder next to the labels file and has no "
-                              "files in the daemon's database")
+            raise LabelsError(
+                f"study {uid} is not a folder next to the labels file and has no "
+                "files in the daemon's database"
+            )
         recorded = [RecordedFile(Path(p), st, se, sop, pid) for p, st, se, sop, pid in rows]
         return uid, [r.path for r in recorded], first_mismatch(recorded)
 
@@ -165,7 +168,9 @@ class StudySource:
 
 
 def score_rows(
-    rows: Iterable[LabelRow], source: StudySource, processor: PipelineProcessor,
+    rows: Iterable[LabelRow],
+    source: StudySource,
+    processor: PipelineProcessor,
     progress: Callable[[str], None] | None = None,
 ) -> list[StudyResult]:
     """Resolve every row first (a missing study stops before any scoring), then score."""
@@ -173,8 +178,12 @@ def score_rows(
     resolved = [(r, *source.files(r.study)) for r in rows]
     out: list[StudyResult] = []
     for n, (row, uid, files, problem) in enumerate(resolved, 1):
-        res = StudyResult(study=row.study, patient=row.patient or f"study:{row.study}",
-                          label=row.label, study_instance_uid=uid)
+        res = StudyResult(
+            study=row.study,
+            patient=row.patient or f"study:{row.study}",
+            label=row.label,
+            study_instance_uid=uid,
+        )
         if problem is not None:
             res.state, res.reason = "FAILED", f"identity check failed: {problem}"
         else:
@@ -206,39 +215,76 @@ def _score_one(res: StudyResult, files: list[Path], processor: PipelineProcessor
         res.models["cbam"] = f"{outcome.cbam_model.name}:{outcome.cbam_model.version}"
 
 
-def _operating_points(processor: PipelineProcessor, y: np.ndarray, p: np.ndarray,
-                      flags: np.ndarray, groups: list[str], n: int, seed: int
-                      ) -> list[dict[str, Any]]:
+def _operating_points(
+    processor: PipelineProcessor,
+    y: np.ndarray,
+    p: np.ndarray,
+    flags: np.ndarray,
+    groups: list[str],
+    n: int,
+    seed: int,
+) -> list[dict[str, Any]]:
     section = processor.pipeline.priority
     points: list[tuple[str, dict[str, Any], np.ndarray, float]] = []
     live = processor.loaded.fusion if processor.loaded is not None else None
     levels = resolve_levels(section, live.version.card.study_decision if live else None)
     for lv in levels if not isinstance(levels, str) else fixed_levels(section):
         named = f"operating point {lv.operating_point}, " if lv.operating_point else ""
-        points.append((
-            f"priority level {lv.priority} ({named}p >= {lv.threshold:g})",
-            {"kind": "level", "priority": lv.priority, "min_probability": lv.threshold,
-             "operating_point": lv.operating_point, "flag": lv.flag},
-            p, lv.threshold))
+        points.append(
+            (
+                f"priority level {lv.priority} ({named}p >= {lv.threshold:g})",
+                {
+                    "kind": "level",
+                    "priority": lv.priority,
+                    "min_probability": lv.threshold,
+                    "operating_point": lv.operating_point,
+                    "flag": lv.flag,
+                },
+                p,
+                lv.threshold,
+            )
+        )
     if any(lv.flag for lv in section.levels):
         points.append(("flag", {"kind": "flag"}, flags.astype(np.float64), 0.5))
-    points.append((f"SR positive (p >= {section.sr_threshold:g})",
-                   {"kind": "sr_threshold", "min_probability": section.sr_threshold},
-                   p, section.sr_threshold))
+    points.append(
+        (
+            f"SR positive (p >= {section.sr_threshold:g})",
+            {"kind": "sr_threshold", "min_probability": section.sr_threshold},
+            p,
+            section.sr_threshold,
+        )
+    )
     out = []
     for name, rule, scores, cut in points:
         est = V.patient_bootstrap(
-            {"sensitivity": V.at_threshold(M.sensitivity, cut),
-             "specificity": V.at_threshold(M.specificity, cut)},
-            y, scores, groups, n, seed)
-        out.append({"name": name, **rule,
-                    **{k: e.as_dict() for k, e in est.items()},
-                    **V.counts(y, M.predictions(scores, cut))})
+            {
+                "sensitivity": V.at_threshold(M.sensitivity, cut),
+                "specificity": V.at_threshold(M.specificity, cut),
+            },
+            y,
+            scores,
+            groups,
+            n,
+            seed,
+        )
+        out.append(
+            {
+                "name": name,
+                **rule,
+                **{k: e.as_dict() for k, e in est.items()},
+                **V.counts(y, M.predictions(scores, cut)),
+            }
+        )
     return out
 
 
-def summarise(results: list[StudyResult], processor: PipelineProcessor, labels: Path,
-              n_resamples: int = V.N_RESAMPLES, seed: int = V.SEED) -> dict[str, Any]:
+def summarise(
+    results: list[StudyResult],
+    processor: PipelineProcessor,
+    labels: Path,
+    n_resamples: int = V.N_RESAMPLES,
+    seed: int = V.SEED,
+) -> dict[str, Any]:
     """The content of ``validation.json``: provenance, counts, metrics and per-study rows."""
     scored = [r for r in results if r.state == "SCORED"]
     y = np.asarray([r.label for r in scored], dtype=np.int64)
@@ -251,8 +297,7 @@ def summarise(results: list[StudyResult], processor: PipelineProcessor, labels: 
         "triaged_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "labels": str(labels),
-        "pipeline": {"ref": processor.pipeline.ref,
-                     "path": str(processor.pipeline.path or "")},
+        "pipeline": {"ref": processor.pipeline.ref, "path": str(processor.pipeline.path or "")},
         "models": _models(processor),
         "models_seen": refs,
         "counts": {
@@ -265,13 +310,19 @@ def summarise(results: list[StudyResult], processor: PipelineProcessor, labels: 
             "negatives": int(y.size - y.sum()),
             "note": "metrics use scored studies only; skipped and failed studies are excluded",
         },
-        "bootstrap": {"unit": "patient", "resamples": n_resamples, "seed": seed,
-                      "level": V.LEVEL, "method": "percentile"},
+        "bootstrap": {
+            "unit": "patient",
+            "resamples": n_resamples,
+            "seed": seed,
+            "level": V.LEVEL,
+            "method": "percentile",
+        },
         "metrics": {
             "auc": main["auc"].as_dict(),
             "ece": {**main["ece"].as_dict(), "bins": V.BINS, "binning": "equal-width"},
-            "operating_points": _operating_points(processor, y, p, flags, groups,
-                                                  n_resamples, seed),
+            "operating_points": _operating_points(
+                processor, y, p, flags, groups, n_resamples, seed
+            ),
             "reliability": [b.as_dict() for b in V.reliability(y, p)],
         },
         "studies": [asdict(r) for r in results],
@@ -284,22 +335,33 @@ def _models(processor: PipelineProcessor) -> list[dict[str, Any]]:
     if loaded is None:
         return []
     return [
-        {"role": role, "name": m.version.name, "version": m.version.version,
-         "ref": m.version.ref, "weights_sha256": m.version.card.weights_sha256,
-         "card_created": m.version.card.created.isoformat()}
+        {
+            "role": role,
+            "name": m.version.name,
+            "version": m.version.version,
+            "ref": m.version.ref,
+            "weights_sha256": m.version.card.weights_sha256,
+            "card_created": m.version.card.created.isoformat(),
+        }
         for role, m in loaded.models.items()
     ]
 
 
-def validate(settings: Settings, labels: Path, processor: PipelineProcessor,
-             n_resamples: int = V.N_RESAMPLES, seed: int = V.SEED,
-             quiet: bool = False) -> dict[str, Any]:
+def validate(
+    settings: Settings,
+    labels: Path,
+    processor: PipelineProcessor,
+    n_resamples: int = V.N_RESAMPLES,
+    seed: int = V.SEED,
+    quiet: bool = False,
+) -> dict[str, Any]:
     """Read the labels, score every study, and return the report (see :func:`summarise`)."""
     rows = read_labels(labels)
     source = StudySource(labels.resolve().parent, settings)
     try:
-        results = score_rows(rows, source, processor,
-                             None if quiet else lambda m: print(m, file=sys.stderr))
+        results = score_rows(
+            rows, source, processor, None if quiet else lambda m: print(m, file=sys.stderr)
+        )
     finally:
         source.close()
     return summarise(results, processor, labels, n_resamples, seed)

@@ -50,8 +50,9 @@ def parse_target(text: str) -> Target:
     """``NAME=specificity:0.9`` or ``NAME=sensitivity:0.9`` -> :class:`Target`."""
     m = _TARGET.match(text.strip())
     if m is None:
-        raise FitError(f"operating point {text!r}: use NAME=specificity:0.9 or "
-                       "NAME=sensitivity:0.9")
+        raise FitError(
+            f"operating point {text!r}: use NAME=specificity:0.9 or NAME=sensitivity:0.9"
+        )
     value = float(m.group(3))
     if not 0.0 < value <= 1.0:
         raise FitError(f"operating point {text!r}: the target must be in (0, 1]")
@@ -60,30 +61,41 @@ def parse_target(text: str) -> Target:
     return Target(m.group(1), "specificity", value)
 
 
-def fit_results(results: list[StudyResult], processor: PipelineProcessor, source: str,
-                targets: tuple[Target, ...] | list[Target] = DEFAULT_TARGETS
-                ) -> tuple[ModelVersion, StudyDecision]:
+def fit_results(
+    results: list[StudyResult],
+    processor: PipelineProcessor,
+    source: str,
+    targets: tuple[Target, ...] | list[Target] = DEFAULT_TARGETS,
+) -> tuple[ModelVersion, StudyDecision]:
     """The fusion version all studies were scored with, and the decision fitted for it."""
     scored = [r for r in results if r.state == "SCORED" and r.slice_probabilities]
     if not scored:
         raise FitError("no study was scored (see the reasons above); nothing to fit")
     refs = {r.models.get("fusion") for r in scored}
     if len(refs) != 1:
-        raise FitError("the studies were scored by different fusion versions "
-                       f"({', '.join(sorted(str(r) for r in refs))}); run again")
+        raise FitError(
+            "the studies were scored by different fusion versions "
+            f"({', '.join(sorted(str(r) for r in refs))}); run again"
+        )
     loaded = processor.loaded.fusion if processor.loaded is not None else None
     if loaded is None or loaded.version.ref != refs.pop():
         raise FitError("the live fusion model changed while scoring; run again")
     labels = [r.label for r in scored]
     if 0 not in labels or 1 not in labels:
-        raise FitError(f"fitting needs scored positive and negative studies; got "
-                       f"{sum(labels)} positive of {len(labels)}")
+        raise FitError(
+            f"fitting needs scored positive and negative studies; got "
+            f"{sum(labels)} positive of {len(labels)}"
+        )
     pre = processor.pipeline.preprocess
     try:
         decision = fit_decision(
-            [np.asarray(r.slice_probabilities) for r in scored], labels,
-            [r.patient for r in scored], targets, source=source,
-            pipeline=processor.pipeline.ref, model=loaded.version.ref,
+            [np.asarray(r.slice_probabilities) for r in scored],
+            labels,
+            [r.patient for r in scored],
+            targets,
+            source=source,
+            pipeline=processor.pipeline.ref,
+            model=loaded.version.ref,
             slice_selection={"slices": pre.slices, "lung_threshold": pre.lung_threshold},
         )
     except ValueError as err:
@@ -91,16 +103,19 @@ def fit_results(results: list[StudyResult], processor: PipelineProcessor, source
     return loaded.version, decision
 
 
-def register_decision(processor: PipelineProcessor, base: ModelVersion,
-                      decision: StudyDecision, promote: bool) -> ModelVersion:
+def register_decision(
+    processor: PipelineProcessor, base: ModelVersion, decision: StudyDecision, promote: bool
+) -> ModelVersion:
     """A new version of ``base`` with the same weights and ``decision`` on its card."""
-    card = base.card.model_copy(update={
-        "study_decision": decision,
-        "created": datetime.now(UTC),
-        "notes": (f"{base.card.notes} " if base.card.notes else "")
-        + f"Study decision fitted on {decision.fitted_on.n_studies} validation studies; "
-        f"weights of {base.ref}.",
-    })
+    card = base.card.model_copy(
+        update={
+            "study_decision": decision,
+            "created": datetime.now(UTC),
+            "notes": (f"{base.card.notes} " if base.card.notes else "")
+            + f"Study decision fitted on {decision.fitted_on.n_studies} validation studies; "
+            f"weights of {base.ref}.",
+        }
+    )
     store = processor.store
     new = store.register(base.name, base.weights_path, card)
     if promote:
@@ -116,16 +131,22 @@ def fitting_processor(processor: PipelineProcessor) -> PipelineProcessor:
     return PipelineProcessor(pipeline, processor.store, processor.device)
 
 
-def fit(settings: Settings, labels: Path, processor: PipelineProcessor,
-        targets: tuple[Target, ...] | list[Target] = DEFAULT_TARGETS, promote: bool = False,
-        quiet: bool = False) -> FitOutcome:
+def fit(
+    settings: Settings,
+    labels: Path,
+    processor: PipelineProcessor,
+    targets: tuple[Target, ...] | list[Target] = DEFAULT_TARGETS,
+    promote: bool = False,
+    quiet: bool = False,
+) -> FitOutcome:
     """Score the labelled studies, fit the decision, register (and optionally promote) it."""
     rows = read_labels(labels)
     source = StudySource(labels.resolve().parent, settings)
     scorer = fitting_processor(processor)
     try:
-        results = score_rows(rows, source, scorer,
-                             None if quiet else lambda m: print(m, file=sys.stderr))
+        results = score_rows(
+            rows, source, scorer, None if quiet else lambda m: print(m, file=sys.stderr)
+        )
     finally:
         source.close()
     base, decision = fit_results(results, scorer, str(labels), targets)

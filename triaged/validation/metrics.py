@@ -60,8 +60,11 @@ class Estimate:
     defined: int  # resamples where the statistic was defined
 
     def as_dict(self) -> dict[str, object]:
-        return {"value": _finite(self.value), "ci": [_finite(self.ci[0]), _finite(self.ci[1])],
-                "defined_resamples": self.defined}
+        return {
+            "value": _finite(self.value),
+            "ci": [_finite(self.ci[0]), _finite(self.ci[1])],
+            "defined_resamples": self.defined,
+        }
 
 
 def _finite(x: float) -> float | None:
@@ -117,13 +120,18 @@ class ReliabilityBin:
     observed: float  # fraction of positives, NaN when empty
 
     def as_dict(self) -> dict[str, object]:
-        return {"low": self.low, "high": self.high, "count": self.count,
-                "mean_probability": _finite(self.mean_probability),
-                "observed": _finite(self.observed)}
+        return {
+            "low": self.low,
+            "high": self.high,
+            "count": self.count,
+            "mean_probability": _finite(self.mean_probability),
+            "observed": _finite(self.observed),
+        }
 
 
-def reliability(y_true: npt.ArrayLike, probabilities: npt.ArrayLike,
-                bins: int = BINS) -> list[ReliabilityBin]:
+def reliability(
+    y_true: npt.ArrayLike, probabilities: npt.ArrayLike, bins: int = BINS
+) -> list[ReliabilityBin]:
     """The equal-width bins of the reliability diagram (see the module docstring)."""
     y = np.asarray(y_true, dtype=np.float64).ravel()
     p = np.asarray(probabilities, dtype=np.float64).ravel()
@@ -132,11 +140,15 @@ def reliability(y_true: npt.ArrayLike, probabilities: npt.ArrayLike,
     for b in range(bins):
         inside = index == b
         n = int(inside.sum())
-        out.append(ReliabilityBin(
-            low=b / bins, high=(b + 1) / bins, count=n,
-            mean_probability=float(p[inside].mean()) if n else float("nan"),
-            observed=float(y[inside].mean()) if n else float("nan"),
-        ))
+        out.append(
+            ReliabilityBin(
+                low=b / bins,
+                high=(b + 1) / bins,
+                count=n,
+                mean_probability=float(p[inside].mean()) if n else float("nan"),
+                observed=float(y[inside].mean()) if n else float("nan"),
+            )
+        )
     return out
 
 
@@ -145,14 +157,16 @@ def ece(y_true: npt.ArrayLike, probabilities: npt.ArrayLike, bins: int = BINS) -
     p = np.asarray(probabilities, dtype=np.float64).ravel()
     if p.size == 0:
         return float("nan")
-    return float(sum(
-        b.count / p.size * abs(b.observed - b.mean_probability)
-        for b in reliability(y_true, p, bins) if b.count
-    ))
+    return float(
+        sum(
+            b.count / p.size * abs(b.observed - b.mean_probability)
+            for b in reliability(y_true, p, bins)
+            if b.count
+        )
+    )
 
 
-def at_threshold(metric: Callable[[np.ndarray, np.ndarray], float],
-                 threshold: float) -> Statistic:
+def at_threshold(metric: Callable[[np.ndarray, np.ndarray], float], threshold: float) -> Statistic:
     """``metric(labels, predicted)`` where a study is predicted positive at ``p >= threshold``."""
     return lambda y, s: metric(y, M.predictions(s, threshold))
 

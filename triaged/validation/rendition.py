@@ -65,15 +65,17 @@ class RenditionError(Exception):
     """Missing or unreadable input, or an output folder that is not empty."""
 
 
-def grey_to_hu(grey: np.ndarray, level: float = LUNG_WINDOW[0],
-               width: float = LUNG_WINDOW[1]) -> np.ndarray:
+def grey_to_hu(
+    grey: np.ndarray, level: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]
+) -> np.ndarray:
     """8-bit display values -> integer HU through the window (inverse of ``window_hu``)."""
     g = np.asarray(grey, dtype=np.float64)
     return np.rint(level - width / 2.0 + g / 255.0 * width).astype(np.int32)
 
 
-def place(grey: np.ndarray, field: int = FIELD, extent: int = EXTENT) -> tuple[np.ndarray, int,
-                                                                              int]:
+def place(
+    grey: np.ndarray, field: int = FIELD, extent: int = EXTENT
+) -> tuple[np.ndarray, int, int]:
     """The image scaled so its longer side is ``extent`` pixels (aspect kept): ``(image,
     top, left)``, where (top, left) centres it in a ``field`` x ``field`` plane."""
     h, w = grey.shape
@@ -85,12 +87,13 @@ def place(grey: np.ndarray, field: int = FIELD, extent: int = EXTENT) -> tuple[n
     return grey, (field - nh) // 2, (field - nw) // 2
 
 
-def slice_hu(grey: np.ndarray, level: float = LUNG_WINDOW[0],
-             width: float = LUNG_WINDOW[1]) -> np.ndarray:
+def slice_hu(
+    grey: np.ndarray, level: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]
+) -> np.ndarray:
     """The full ``FIELD`` x ``FIELD`` HU slice of one 8-bit image (air around it)."""
     image, top, left = place(grey)
     hu = np.full((FIELD, FIELD), AIR_HU, dtype=np.int32)
-    hu[top:top + image.shape[0], left:left + image.shape[1]] = grey_to_hu(image, level, width)
+    hu[top : top + image.shape[0], left : left + image.shape[1]] = grey_to_hu(image, level, width)
     return hu
 
 
@@ -112,8 +115,10 @@ def read_patients(root: Path) -> dict[str, str]:
     if table.is_file():
         with open(table, newline="", encoding="utf-8-sig") as fh:
             for row in csv.DictReader(fh):
-                name, patient = (row.get("image name") or "").strip(), (
-                    row.get("patient id") or "").strip()
+                name, patient = (
+                    (row.get("image name") or "").strip(),
+                    (row.get("patient id") or "").strip(),
+                )
                 if name and patient:
                     out[f"CT_NonCOVID/{_strip_suffix(name)}"] = f"NonCOVID/{patient}"
     return out
@@ -129,8 +134,11 @@ def _xlsx_rows(path: Path, name_col: str, patient_col: str) -> list[tuple[str, s
         if name_col not in header or patient_col not in header:
             raise RenditionError(f"{path}: needs columns {name_col!r} and {patient_col!r}")
         i, j = header.index(name_col), header.index(patient_col)
-        return [(str(r[i]).strip(), str(r[j]).strip()) for r in rows
-                if len(r) > max(i, j) and r[i] is not None and r[j] is not None]
+        return [
+            (str(r[i]).strip(), str(r[j]).strip())
+            for r in rows
+            if len(r) > max(i, j) and r[i] is not None and r[j] is not None
+        ]
     finally:
         book.close()
 
@@ -189,9 +197,13 @@ def _info(study: RenderedStudy, split: str) -> StudyInfo:
     key = ("covid-ct-rendition", split, study.patient)
     digest = int(hashlib.sha256(repr(key).encode()).hexdigest()[:8], 16)
     return StudyInfo(
-        study_uid=uid_for(*key, "study"), frame_uid=uid_for(*key, "frame"),
-        patient_id=f"COVID-CT {study.patient}"[:64], accession=f"RND{digest % 10**10:010d}",
-        study_date="20200401", study_time="120000", study_id=f"RND{digest % 10**6}",
+        study_uid=uid_for(*key, "study"),
+        frame_uid=uid_for(*key, "frame"),
+        patient_id=f"COVID-CT {study.patient}"[:64],
+        accession=f"RND{digest % 10**10:010d}",
+        study_date="20200401",
+        study_time="120000",
+        study_id=f"RND{digest % 10**6}",
         priority=None,
     )
 
@@ -211,16 +223,28 @@ def _mark(ds: Dataset, source: str, level: float, width: float) -> None:
         f"W{width:g} L{level:g}, scaled and centred in a {FIELD}x{FIELD} field of air"
     )
     ds.KVP = ""  # Type 2: unknown for a figure
-    for keyword in ("ExposureTime", "XRayTubeCurrent", "DataCollectionDiameter", "TableHeight",
-                    "RotationDirection", "PatientAge"):
+    for keyword in (
+        "ExposureTime",
+        "XRayTubeCurrent",
+        "DataCollectionDiameter",
+        "TableHeight",
+        "RotationDirection",
+        "PatientAge",
+    ):
         if keyword in ds:
             delattr(ds, keyword)
     ds.ConvolutionKernel = "UNKNOWN"
     ds.ReconstructionDiameter = f"{FOV_MM:g}"
 
 
-def write_study(root: Path, study: RenderedStudy, split: str, out: Path,
-                level: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]) -> list[Path]:
+def write_study(
+    root: Path,
+    study: RenderedStudy,
+    split: str,
+    out: Path,
+    level: float = LUNG_WINDOW[0],
+    width: float = LUNG_WINDOW[1],
+) -> list[Path]:
     """One study folder: one axial CT series, a slice per image (first image at the feet)."""
     info = _info(study, split)
     series_uid = uid_for("covid-ct-rendition", split, study.patient, "series")
@@ -233,17 +257,28 @@ def write_study(root: Path, study: RenderedStudy, split: str, out: Path,
             grey = np.rint(to_unit_range(grey) * 255.0).astype(np.uint8)
         hu = slice_hu(grey, level, width)
         ds = ct_slice(
-            info, series_uid=series_uid, series_number=1, description=MARK, instance=k + 1,
-            hu=hu, pixel_spacing=(px, px), orientation=AXIAL_ORIENTATION,
-            position=(origin, origin, k * SLICE_MM), thickness=SLICE_MM,
-            spacing_between=SLICE_MM, image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
-            acquisition=1, content_seconds=0.5 * k, signed=True,
+            info,
+            series_uid=series_uid,
+            series_number=1,
+            description=MARK,
+            instance=k + 1,
+            hu=hu,
+            pixel_spacing=(px, px),
+            orientation=AXIAL_ORIENTATION,
+            position=(origin, origin, k * SLICE_MM),
+            thickness=SLICE_MM,
+            spacing_between=SLICE_MM,
+            image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+            acquisition=1,
+            content_seconds=0.5 * k,
+            signed=True,
         )
         ds.WindowCenter, ds.WindowWidth = [f"{level:g}"], [f"{width:g}"]
         ds.WindowCenterWidthExplanation = ["LUNG"]
         _mark(ds, image_id, level, width)
-        paths.append(write_file(ds, out / study.folder / f"{k + 1:04d}.dcm",
-                                ExplicitVRLittleEndian))
+        paths.append(
+            write_file(ds, out / study.folder / f"{k + 1:04d}.dcm", ExplicitVRLittleEndian)
+        )
     return paths
 
 
@@ -253,8 +288,9 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def render_covid_ct(root: Path, split: str, out: Path,
-                    level: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]) -> Summary:
+def render_covid_ct(
+    root: Path, split: str, out: Path, level: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]
+) -> Summary:
     """Write the studies of ``split`` under ``out`` with ``labels.csv`` and
     ``rendition.json`` (what was written, from where, and the marking)."""
     if not root.is_dir():
@@ -272,24 +308,50 @@ def render_covid_ct(root: Path, split: str, out: Path,
     writer.writerows([s.folder, s.label, s.patient] for s in studies)
     _atomic_text(labels, buf.getvalue())
     summary = Summary(
-        studies=len(studies), patients=len({s.patient for s in studies}),
-        images=sum(len(s.images) for s in studies), positives=sum(s.label for s in studies),
-        unmatched=unmatched, labels=labels,
+        studies=len(studies),
+        patients=len({s.patient for s in studies}),
+        images=sum(len(s.images) for s in studies),
+        positives=sum(s.label for s in studies),
+        unmatched=unmatched,
+        labels=labels,
     )
-    _atomic_text(out / "rendition.json", json.dumps({
-        "dataset": "COVID-CT (UCSD-AI4H)", "source": str(root), "split": split,
-        "mark": MARK, "window": {"level": level, "width": width},
-        "field": FIELD, "fov_mm": FOV_MM, "extent_px": EXTENT, "slice_mm": SLICE_MM,
-        "studies": summary.studies, "patients": summary.patients, "images": summary.images,
-        "positives": summary.positives, "unmatched_images": unmatched,
-        "use": "val: fitting; test: final reporting only, once",
-        "study_list": [{"folder": s.folder, "patient": s.patient, "label": s.label,
-                        "images": list(s.images)} for s in studies],
-    }, indent=1))
+    _atomic_text(
+        out / "rendition.json",
+        json.dumps(
+            {
+                "dataset": "COVID-CT (UCSD-AI4H)",
+                "source": str(root),
+                "split": split,
+                "mark": MARK,
+                "window": {"level": level, "width": width},
+                "field": FIELD,
+                "fov_mm": FOV_MM,
+                "extent_px": EXTENT,
+                "slice_mm": SLICE_MM,
+                "studies": summary.studies,
+                "patients": summary.patients,
+                "images": summary.images,
+                "positives": summary.positives,
+                "unmatched_images": unmatched,
+                "use": "val: fitting; test: final reporting only, once",
+                "study_list": [
+                    {
+                        "folder": s.folder,
+                        "patient": s.patient,
+                        "label": s.label,
+                        "images": list(s.images),
+                    }
+                    for s in studies
+                ],
+            },
+            indent=1,
+        ),
+    )
     return summary
 
 
-def split_patients(root: Path, splits: Sequence[str] = ("train", "val", "test")
-                   ) -> dict[str, set[str]]:
+def split_patients(
+    root: Path, splits: Sequence[str] = ("train", "val", "test")
+) -> dict[str, set[str]]:
     """Patients of each split (to see whether the official split shares patients)."""
     return {sp: {s.patient for s in plan(root, sp)[0]} for sp in splits}

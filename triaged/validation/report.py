@@ -39,8 +39,10 @@ def _atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 
 def _scored(report: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     rows = [r for r in report["studies"] if r["state"] == "SCORED"]
-    return (np.asarray([r["label"] for r in rows], dtype=np.int64),
-            np.asarray([r["probability"] for r in rows], dtype=np.float64))
+    return (
+        np.asarray([r["label"] for r in rows], dtype=np.int64),
+        np.asarray([r["probability"] for r in rows], dtype=np.float64),
+    )
 
 
 def _fmt(est: dict[str, Any]) -> str:
@@ -70,8 +72,13 @@ def _plots(report: dict[str, Any], out: Path) -> None:
     else:
         ax.text(0.5, 0.5, "needs positive and negative studies", ha="center")
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (COVID-19 positive)",
-           xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="1 - specificity",
+        ylabel="sensitivity",
+        title="ROC (COVID-19 positive)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     _atomic(out / ROC_PNG, lambda fh: fig.savefig(fh, format="png"))
@@ -80,17 +87,34 @@ def _plots(report: dict[str, Any], out: Path) -> None:
     bins = report["metrics"]["reliability"]
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
     full = [b for b in bins if b["count"]]
-    ax.bar([b["low"] for b in full], [b["observed"] for b in full], width=0.1, align="edge",
-           edgecolor="black", alpha=0.6, label="observed fraction positive")
-    ax.plot([b["mean_probability"] for b in full], [b["observed"] for b in full], "o-",
-            color="C1", label="bin mean probability")
+    ax.bar(
+        [b["low"] for b in full],
+        [b["observed"] for b in full],
+        width=0.1,
+        align="edge",
+        edgecolor="black",
+        alpha=0.6,
+        label="observed fraction positive",
+    )
+    ax.plot(
+        [b["mean_probability"] for b in full],
+        [b["observed"] for b in full],
+        "o-",
+        color="C1",
+        label="bin mean probability",
+    )
     for b in full:
-        ax.annotate(str(b["count"]), (b["low"] + 0.05, b["observed"]), ha="center",
-                    va="bottom", fontsize=7)
+        ax.annotate(
+            str(b["count"]), (b["low"] + 0.05, b["observed"]), ha="center", va="bottom", fontsize=7
+        )
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
-    ax.set(xlabel="predicted probability (fusion, study)", ylabel="observed fraction COVID-19",
-           title=f"Reliability, ECE {_fmt(report['metrics']['ece'])}", xlim=(0, 1),
-           ylim=(0, 1.05))
+    ax.set(
+        xlabel="predicted probability (fusion, study)",
+        ylabel="observed fraction COVID-19",
+        title=f"Reliability, ECE {_fmt(report['metrics']['ece'])}",
+        xlim=(0, 1),
+        ylim=(0, 1.05),
+    )
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     _atomic(out / RELIABILITY_PNG, lambda fh: fig.savefig(fh, format="png"))
@@ -100,9 +124,13 @@ def _plots(report: dict[str, Any], out: Path) -> None:
 def markdown(report: dict[str, Any]) -> str:
     """The readable report (no patient identifiers)."""
     c, m, b = report["counts"], report["metrics"], report["bootstrap"]
-    models = ", ".join(
-        f"{x['role']} `{x['ref']}` (weights sha256 {str(x['weights_sha256'])[:12]})"
-        for x in report["models"]) or "none loaded"
+    models = (
+        ", ".join(
+            f"{x['role']} `{x['ref']}` (weights sha256 {str(x['weights_sha256'])[:12]})"
+            for x in report["models"]
+        )
+        or "none loaded"
+    )
     lines = [
         "# Study-level validation",
         "",
@@ -129,8 +157,10 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for pt in m["operating_points"]:
-        lines.append(f"| {pt['name']} | {_fmt(pt['sensitivity'])} | {_fmt(pt['specificity'])} "
-                     f"| {pt['tp']} | {pt['fp']} | {pt['tn']} | {pt['fn']} |")
+        lines.append(
+            f"| {pt['name']} | {_fmt(pt['sensitivity'])} | {_fmt(pt['specificity'])} "
+            f"| {pt['tp']} | {pt['fp']} | {pt['tn']} | {pt['fn']} |"
+        )
     lines += [
         "",
         "A study reaches a priority level when its fusion probability is at least the "
@@ -148,14 +178,22 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     left_out = [r for r in report["studies"] if r["state"] != "SCORED"]
     if left_out:
-        lines += ["## Not scored (excluded from the metrics)", "",
-                  "| study | state | reason |", "|---|---|---|"]
-        lines += [f"| {r['study']} | {r['state']} | {r['reason'].replace('|', '/')} |"
-                  for r in left_out]
+        lines += [
+            "## Not scored (excluded from the metrics)",
+            "",
+            "| study | state | reason |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {r['study']} | {r['state']} | {r['reason'].replace('|', '/')} |" for r in left_out
+        ]
         lines.append("")
     if len(report["models_seen"]) > len(report["models"]):
-        lines += ["**Warning**: the live model changed during the run; studies were scored "
-                  f"by {', '.join(report['models_seen'])} (see `validation.json`).", ""]
+        lines += [
+            "**Warning**: the live model changed during the run; studies were scored "
+            f"by {', '.join(report['models_seen'])} (see `validation.json`).",
+            "",
+        ]
     return "\n".join(lines)
 
 

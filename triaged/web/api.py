@@ -84,9 +84,14 @@ def worklist_filter(
     """The worklist filters, shared by the page (its URL) and the API."""
     if state and state not in queries.STATE_FILTERS:
         raise HTTPException(422, f"state must be one of {', '.join(queries.STATE_FILTERS)}")
-    return queries.WorklistFilter(state=state or None, min_priority=min_priority,
-                                  flagged=flagged, date_from=date_from or None,
-                                  date_to=date_to or None, limit=limit)
+    return queries.WorklistFilter(
+        state=state or None,
+        min_priority=min_priority,
+        flagged=flagged,
+        date_from=date_from or None,
+        date_to=date_to or None,
+        limit=limit,
+    )
 
 
 Filter = Annotated[queries.WorklistFilter, Depends(worklist_filter)]
@@ -97,8 +102,14 @@ def image_url(uid: str) -> Callable[[str], str]:
     return lambda kind: f"/api/studies/{quote(uid)}/images/{kind}"
 
 
-def audit(c: WebContext, request: Request, who: LoginSession, action: str, target: str | None,
-          detail: str | None = None) -> None:
+def audit(
+    c: WebContext,
+    request: Request,
+    who: LoginSession,
+    action: str,
+    target: str | None,
+    detail: str | None = None,
+) -> None:
     with Session(c.engine) as s, s.begin():
         queries.audit(s, who.principal.name, action, target, client_address(request), detail)
 
@@ -133,16 +144,20 @@ def get_study_revision(uid: str, c: Ctx, who: User) -> StudyRevision:
     return StudyRevision(state=state, revision=revision)
 
 
-@router.get("/studies/{uid}/images/{kind}", response_class=FileResponse,
-            responses={200: {"content": {"image/png": {}}}})
+@router.get(
+    "/studies/{uid}/images/{kind}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}},
+)
 def study_image(uid: str, kind: str, c: Ctx, who: User) -> FileResponse:
     """The key-slice heat-map (``heatmap``) or the infected-region overlay (``infected``)."""
     if kind not in queries.IMAGE_KINDS:
         raise HTTPException(404, f"image kind is one of {', '.join(queries.IMAGE_KINDS)}")
     with Session(c.engine) as s:
         path = queries.study_image(s, uid, kind)
-    return FileResponse(path, media_type="image/png",
-                        headers={"Cache-Control": "private, no-store"})
+    return FileResponse(
+        path, media_type="image/png", headers={"Cache-Control": "private, no-store"}
+    )
 
 
 @router.get("/studies/{uid}/feedback", response_model=list[FeedbackOut])
@@ -153,13 +168,11 @@ def get_feedback(uid: str, c: Ctx, who: User) -> list[FeedbackOut]:
 
 
 @router.post("/studies/{uid}/feedback", response_model=FeedbackOut, status_code=201)
-def post_feedback(uid: str, body: FeedbackIn, request: Request, c: Ctx,
-                  who: Writer) -> FeedbackOut:
+def post_feedback(uid: str, body: FeedbackIn, request: Request, c: Ctx, who: Writer) -> FeedbackOut:
     """Confirm or refute the study's finding; becomes a label for ``triaged retrain``."""
     with Session(c.engine) as s, s.begin():
         out = queries.add_feedback(s, uid, who.principal.name, body.verdict, body.note)
-        queries.audit(s, who.principal.name, "feedback", uid, client_address(request),
-                      body.verdict)
+        queries.audit(s, who.principal.name, "feedback", uid, client_address(request), body.verdict)
     return out
 
 
@@ -168,8 +181,14 @@ def get_labels(request: Request, c: Ctx, who: Admin) -> LabelExportOut:
     """All feedback as ``triaged-labels/1`` for ``triaged retrain``."""
     with Session(c.engine) as s, s.begin():
         out = queries.labels(s, c.spool_root)
-        queries.audit(s, who.principal.name, "export_labels", None, client_address(request),
-                      f"{len(out.labels)} labels")
+        queries.audit(
+            s,
+            who.principal.name,
+            "export_labels",
+            None,
+            client_address(request),
+            f"{len(out.labels)} labels",
+        )
     return out
 
 
@@ -206,19 +225,33 @@ def list_models(c: WebContext) -> list[ModelOut]:
             versions = store.list(name)
             history = store.history(name)
         except RegistryError as exc:
-            out.append(ModelOut(name=name, live=None, can_rollback=False, versions=[],
-                                history=[{"action": "error", "reason": str(exc)}]))
+            out.append(
+                ModelOut(
+                    name=name,
+                    live=None,
+                    can_rollback=False,
+                    versions=[],
+                    history=[{"action": "error", "reason": str(exc)}],
+                )
+            )
             continue
-        out.append(ModelOut(
-            name=name,
-            live=live.version if live else None,
-            can_rollback=_can_rollback(history),
-            versions=[ModelVersionOut(name=v.name, version=v.version,
-                                      live=live is not None and v.version == live.version,
-                                      card=v.card.model_dump(mode="json"))
-                      for v in reversed(versions)],
-            history=list(reversed(history)),
-        ))
+        out.append(
+            ModelOut(
+                name=name,
+                live=live.version if live else None,
+                can_rollback=_can_rollback(history),
+                versions=[
+                    ModelVersionOut(
+                        name=v.name,
+                        version=v.version,
+                        live=live is not None and v.version == live.version,
+                        card=v.card.model_dump(mode="json"),
+                    )
+                    for v in reversed(versions)
+                ],
+                history=list(reversed(history)),
+            )
+        )
     return out
 
 
@@ -227,8 +260,9 @@ def get_models(c: Ctx, who: Admin) -> list[ModelOut]:
     return list_models(c)
 
 
-def promote(c: WebContext, request: Request, who: LoginSession, name: str, version: str,
-            reason: str) -> ModelChangeOut:
+def promote(
+    c: WebContext, request: Request, who: LoginSession, name: str, version: str, reason: str
+) -> ModelChangeOut:
     from triaged.registry import ModelNotFoundError, RegistryError
 
     store = _store(c)
@@ -243,8 +277,9 @@ def promote(c: WebContext, request: Request, who: LoginSession, name: str, versi
     return ModelChangeOut(name=name, live=v.version)
 
 
-def rollback(c: WebContext, request: Request, who: LoginSession, name: str,
-             reason: str) -> ModelChangeOut:
+def rollback(
+    c: WebContext, request: Request, who: LoginSession, name: str, reason: str
+) -> ModelChangeOut:
     from triaged.registry import ModelNotFoundError, RegistryError
 
     store = _store(c)
@@ -260,24 +295,33 @@ def rollback(c: WebContext, request: Request, who: LoginSession, name: str,
 
 
 @router.post("/admin/models/{name}/promote", response_model=ModelChangeOut)
-def post_promote(name: str, body: PromoteIn, request: Request, c: Ctx,
-                 who: AdminWriter) -> ModelChangeOut:
+def post_promote(
+    name: str, body: PromoteIn, request: Request, c: Ctx, who: AdminWriter
+) -> ModelChangeOut:
     return promote(c, request, who, name, body.version, body.reason)
 
 
 @router.post("/admin/models/{name}/rollback", response_model=ModelChangeOut)
-def post_rollback(name: str, body: RollbackIn, request: Request, c: Ctx,
-                  who: AdminWriter) -> ModelChangeOut:
+def post_rollback(
+    name: str, body: RollbackIn, request: Request, c: Ctx, who: AdminWriter
+) -> ModelChangeOut:
     return rollback(c, request, who, name, body.reason)
 
 
 def destinations(c: WebContext) -> list[DestinationOut]:
     with Session(c.engine) as s:
         counts = deliveries.counts_by_destination(s)
-    return [DestinationOut(name=d.name, ae_title=d.ae_title, host=d.host, port=d.port,
-                           tls=d.tls is not None,
-                           **asdict(counts.get(d.name, deliveries.DestinationCounts())))
-            for d in c.settings.destinations]
+    return [
+        DestinationOut(
+            name=d.name,
+            ae_title=d.ae_title,
+            host=d.host,
+            port=d.port,
+            tls=d.tls is not None,
+            **asdict(counts.get(d.name, deliveries.DestinationCounts())),
+        )
+        for d in c.settings.destinations
+    ]
 
 
 def retry_dead(c: WebContext, request: Request, who: LoginSession, name: str) -> RetryOut:
@@ -330,7 +374,8 @@ def get_health(c: Ctx, who: Admin) -> HealthOut:
 
 
 @router.get("/admin/audit", response_model=list[AuditOut])
-def get_audit(c: Ctx, who: Admin,
-              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AuditOut]:
+def get_audit(
+    c: Ctx, who: Admin, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[AuditOut]:
     with Session(c.engine) as s:
         return queries.recent_audit(s, limit)

@@ -88,14 +88,18 @@ def create_app(
     secret = web.secret_key
     if not secret:
         secret = secrets.token_urlsafe(32)
-        log.warning("[web] secret_key is empty: generated one for this run; logins end at "
-                    "restart and are not shared with other triaged processes")
+        log.warning(
+            "[web] secret_key is empty: generated one for this run; logins end at "
+            "restart and are not shared with other triaged processes"
+        )
     users = Users(engine, web.users)
     try:
         users.check_config_passwords()
     except SQLAlchemyError:  # the page starts anyway: /healthz reports the database
-        log.warning("database unavailable: [web] users password changes are checked at the "
-                    "first login instead")
+        log.warning(
+            "database unavailable: [web] users password changes are checked at the "
+            "first login instead"
+        )
     context = WebContext(
         settings=settings,
         engine=engine,
@@ -111,8 +115,8 @@ def create_app(
         title="triaged",
         version=triaged.__version__,
         description="COVID-19 chest-CT triage worklist. Research software, NOT FOR "
-                    "DIAGNOSTIC USE. Log in at /login; send the CSRF token of /api/me as "
-                    "X-CSRF-Token on every POST.",
+        "DIAGNOSTIC USE. Log in at /login; send the CSRF token of /api/me as "
+        "X-CSRF-Token on every POST.",
         docs_url=None,  # the Swagger page loads its assets from a CDN: not here
         redoc_url=None,
     )
@@ -141,10 +145,16 @@ def create_app(
     async def _page_error(request: Request, exc: PageError) -> Response:
         who = getattr(request.state, "login", None)
         resp: HTMLResponse = context.templates.TemplateResponse(
-            request, "error.html",
-            {"user": who.principal if who else None, "csrf": who.csrf_token if who else "",
-             "status": exc.status_code, "message": exc.message},
-            status_code=exc.status_code)
+            request,
+            "error.html",
+            {
+                "user": who.principal if who else None,
+                "csrf": who.csrf_token if who else "",
+                "status": exc.status_code,
+                "message": exc.message,
+            },
+            status_code=exc.status_code,
+        )
         return resp
 
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")

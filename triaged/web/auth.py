@@ -77,8 +77,14 @@ def _verify(password_hash: str, password: str) -> bool:
         return False
 
 
-def add_user(engine: Engine, name: str, role: str, password: str,
-             actor: str | None = None, client: str | None = "cli") -> bool:
+def add_user(
+    engine: Engine,
+    name: str,
+    role: str,
+    password: str,
+    actor: str | None = None,
+    client: str | None = "cli",
+) -> bool:
     """Create a database user, or reset the role and password of an existing one.
 
     Resetting ends every session of the user: whoever knew the old password (or holds a
@@ -93,8 +99,15 @@ def add_user(engine: Engine, name: str, role: str, password: str,
     with Session(engine) as s, s.begin():
         user = s.scalars(select(User).where(User.name == name)).one_or_none()
         if user is None:
-            s.add(User(name=name, role=role, password_hash=password_hash, disabled=False,
-                       created_at=utcnow()))
+            s.add(
+                User(
+                    name=name,
+                    role=role,
+                    password_hash=password_hash,
+                    disabled=False,
+                    created_at=utcnow(),
+                )
+            )
             _audit(s, actor, "user_created", name, client, role)
             return True
         user.role = role
@@ -105,8 +118,9 @@ def add_user(engine: Engine, name: str, role: str, password: str,
         return False
 
 
-def disable_user(engine: Engine, name: str, actor: str | None = None,
-                 client: str | None = "cli") -> bool:
+def disable_user(
+    engine: Engine, name: str, actor: str | None = None, client: str | None = "cli"
+) -> bool:
     """Disable a database user and end their sessions; False if there is no such user."""
     with Session(engine) as s, s.begin():
         user = s.scalars(select(User).where(User.name == name)).one_or_none()
@@ -118,8 +132,9 @@ def disable_user(engine: Engine, name: str, actor: str | None = None,
         return True
 
 
-def enable_user(engine: Engine, name: str, actor: str | None = None,
-                client: str | None = "cli") -> bool:
+def enable_user(
+    engine: Engine, name: str, actor: str | None = None, client: str | None = "cli"
+) -> bool:
     """Let a disabled database user log in again; False if there is no such user."""
     with Session(engine) as s, s.begin():
         user = s.scalars(select(User).where(User.name == name)).one_or_none()
@@ -137,8 +152,9 @@ def _fingerprint(password_hash: str) -> str:
     return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
 
 
-def end_sessions_of_changed_config_users(engine: Engine, config_users: Sequence[WebUser]
-                                         ) -> list[str]:
+def end_sessions_of_changed_config_users(
+    engine: Engine, config_users: Sequence[WebUser]
+) -> list[str]:
     """End the sessions of ``[web] users`` whose password hash changed in the config.
 
     A config edit is a password change too. The hash each user had at the last start is
@@ -152,7 +168,9 @@ def end_sessions_of_changed_config_users(engine: Engine, config_users: Sequence[
             last = s.scalar(
                 select(AuditEntry.detail)
                 .where(AuditEntry.action == CONFIG_PASSWORD_ACTION, AuditEntry.target == u.name)
-                .order_by(AuditEntry.id.desc()).limit(1))
+                .order_by(AuditEntry.id.desc())
+                .limit(1)
+            )
             if last == fp:
                 continue
             _end_sessions(s, u.name)
@@ -167,10 +185,19 @@ def _end_sessions(s: Session, name: str) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def _audit(s: Session, actor: str | None, action: str, target: str, client: str | None,
-           detail: str | None) -> None:
-    s.add(AuditEntry(at=utcnow(), user_name=actor, action=action, target=target[:200],
-                     client=client, detail=detail))
+def _audit(
+    s: Session, actor: str | None, action: str, target: str, client: str | None, detail: str | None
+) -> None:
+    s.add(
+        AuditEntry(
+            at=utcnow(),
+            user_name=actor,
+            action=action,
+            target=target[:200],
+            client=client,
+            detail=detail,
+        )
+    )
 
 
 class Users:
@@ -185,12 +212,15 @@ class Users:
         """Once per process (at start, or at first use if the database was down then)."""
         if self._config_checked:
             return
-        changed = end_sessions_of_changed_config_users(self.engine,
-                                                       list(self.config_users.values()))
+        changed = end_sessions_of_changed_config_users(
+            self.engine, list(self.config_users.values())
+        )
         self._config_checked = True
         for name in changed:
-            log.info("[web] users: the password of %s changed in the config; their sessions "
-                     "were ended", name)
+            log.info(
+                "[web] users: the password of %s changed in the config; their sessions were ended",
+                name,
+            )
 
     def role_of(self, name: str) -> str | None:
         """The current role of an active user, None if the user is unknown or disabled."""
@@ -224,8 +254,13 @@ def _digest(token: str) -> str:
 class Sessions:
     """Login sessions in the database, referenced by a signed cookie."""
 
-    def __init__(self, engine: Engine, users: Users, secret_key: str,
-                 lifetime: timedelta = timedelta(hours=12)) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        users: Users,
+        secret_key: str,
+        lifetime: timedelta = timedelta(hours=12),
+    ) -> None:
         self.engine = engine
         self.users = users
         self.lifetime = lifetime
@@ -239,9 +274,17 @@ class Sessions:
         now = utcnow()
         with Session(self.engine) as s, s.begin():
             s.execute(delete(WebSession).where(WebSession.expires_at < now))
-            s.add(WebSession(token_sha256=_digest(token), user_name=principal.name,
-                             role=principal.role, csrf_token=csrf, created_at=now,
-                             expires_at=now + self.lifetime, client=(client or "")[:64]))
+            s.add(
+                WebSession(
+                    token_sha256=_digest(token),
+                    user_name=principal.name,
+                    role=principal.role,
+                    csrf_token=csrf,
+                    created_at=now,
+                    expires_at=now + self.lifetime,
+                    client=(client or "")[:64],
+                )
+            )
         return self._signer.sign(token).decode(), csrf
 
     def resolve(self, cookie: str | None) -> LoginSession | None:

@@ -190,8 +190,11 @@ def basic_principal(request: Request) -> Principal | None:
     if throttle.retry_after:
         with Session(c.engine) as s, s.begin():
             queries.audit(s, name[:64] or None, "login_throttled", None, client, "basic")
-        raise HTTPException(429, "too many failed logins from this address",
-                            headers={"Retry-After": str(throttle.retry_after)})
+        raise HTTPException(
+            429,
+            "too many failed logins from this address",
+            headers={"Retry-After": str(throttle.retry_after)},
+        )
     principal = c.users.authenticate(name, password)
     if principal is None:
         with Session(c.engine) as s, s.begin():

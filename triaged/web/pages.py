@@ -47,22 +47,39 @@ Writer = Annotated[LoginSession, Depends(page_csrf)]
 AdminWriter = Annotated[LoginSession, Depends(page_admin_csrf)]
 
 
-def render(c: WebContext, request: Request, name: str, who: LoginSession | None,
-           status_code: int = 200, **context: Any) -> HTMLResponse:
+def render(
+    c: WebContext,
+    request: Request,
+    name: str,
+    who: LoginSession | None,
+    status_code: int = 200,
+    **context: Any,
+) -> HTMLResponse:
     return c.templates.TemplateResponse(
-        request, name, {"user": who.principal if who else None,
-                        "csrf": who.csrf_token if who else "", **context},
-        status_code=status_code)
+        request,
+        name,
+        {"user": who.principal if who else None, "csrf": who.csrf_token if who else "", **context},
+        status_code=status_code,
+    )
 
 
 # ------------------------------------------------------------------------------ login
-def _login_form(c: WebContext, request: Request, next_url: str, error: str | None = None,
-                status_code: int = 200) -> HTMLResponse:
+def _login_form(
+    c: WebContext, request: Request, next_url: str, error: str | None = None, status_code: int = 200
+) -> HTMLResponse:
     nonce, token = c.sessions.login_nonce()
-    resp = render(c, request, "login.html", None, status_code, next=next_url, error=error,
-                  login_token=token)
-    resp.set_cookie(LOGIN_COOKIE, nonce, max_age=3600, path="/login", httponly=True,
-                    samesite="strict", secure=secure_cookies(request))
+    resp = render(
+        c, request, "login.html", None, status_code, next=next_url, error=error, login_token=token
+    )
+    resp.set_cookie(
+        LOGIN_COOKIE,
+        nonce,
+        max_age=3600,
+        path="/login",
+        httponly=True,
+        samesite="strict",
+        secure=secure_cookies(request),
+    )
     return resp
 
 
@@ -84,35 +101,50 @@ def _wait_words(seconds: int) -> str:
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(
-    request: Request, c: Ctx,
-    username: Annotated[str, Form()] = "", password: Annotated[str, Form()] = "",
-    csrf_token: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/",
+    request: Request,
+    c: Ctx,
+    username: Annotated[str, Form()] = "",
+    password: Annotated[str, Form()] = "",
+    csrf_token: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "/",
 ) -> Response:
     """Async so that the per-account slow-down waits without holding a worker thread."""
     target = safe_next(next)
     if not c.sessions.check_login_nonce(request.cookies.get(LOGIN_COOKIE), csrf_token):
-        return _login_form(c, request, target, "The login form expired. Please try again.",
-                           403)
+        return _login_form(c, request, target, "The login form expired. Please try again.", 403)
     name, client = username.strip()[:64], client_address(request)
-    throttle = await run_in_threadpool(queries.login_throttle, c.engine, c.settings.web,
-                                       name, client)
+    throttle = await run_in_threadpool(
+        queries.login_throttle, c.engine, c.settings.web, name, client
+    )
     if throttle.retry_after:
         await run_in_threadpool(_audit_login, c, name, "login_throttled", client)
-        refused = _login_form(c, request, target, "Too many failed logins from your address: "
-                              f"try again in {_wait_words(throttle.retry_after)}.", 429)
+        refused = _login_form(
+            c,
+            request,
+            target,
+            "Too many failed logins from your address: "
+            f"try again in {_wait_words(throttle.retry_after)}.",
+            429,
+        )
         refused.headers["Retry-After"] = str(throttle.retry_after)
         return refused
     if throttle.account_delay:
         await asyncio.sleep(throttle.account_delay)
     principal = await run_in_threadpool(c.users.authenticate, name, password)
-    await run_in_threadpool(_audit_login, c, name, "login" if principal else "login_failed",
-                            client)
+    await run_in_threadpool(_audit_login, c, name, "login" if principal else "login_failed", client)
     if principal is None:
         return _login_form(c, request, target, "Unknown user or wrong password.", 401)
     cookie, _csrf = await run_in_threadpool(c.sessions.create, principal, client)
     resp = RedirectResponse(target, status_code=303)
-    resp.set_cookie(SESSION_COOKIE, cookie, max_age=int(c.sessions.lifetime.total_seconds()),
-                    path="/", httponly=True, samesite="strict", secure=secure_cookies(request))
+    resp.set_cookie(
+        SESSION_COOKIE,
+        cookie,
+        max_age=int(c.sessions.lifetime.total_seconds()),
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=secure_cookies(request),
+    )
     resp.delete_cookie(LOGIN_COOKIE, path="/login")
     return resp
 
@@ -133,13 +165,27 @@ def worklist_page(request: Request, c: Ctx, who: User, f: api.Filter) -> HTMLRes
     now = utcnow()
     with Session(c.engine) as s:
         items = queries.worklist(s, f, now)
-    return render(c, request, "worklist.html", who, studies=items, f=f,
-                  states=queries.STATE_FILTERS, generated_at=now.isoformat())
+    return render(
+        c,
+        request,
+        "worklist.html",
+        who,
+        studies=items,
+        f=f,
+        states=queries.STATE_FILTERS,
+        generated_at=now.isoformat(),
+    )
 
 
 # ------------------------------------------------------------------------------ study
-def _study_page(c: WebContext, request: Request, who: LoginSession, uid: str,
-                status_code: int = 200, error: str | None = None) -> HTMLResponse:
+def _study_page(
+    c: WebContext,
+    request: Request,
+    who: LoginSession,
+    uid: str,
+    status_code: int = 200,
+    error: str | None = None,
+) -> HTMLResponse:
     with Session(c.engine) as s, s.begin():
         try:
             detail = queries.study_detail(s, uid, api.image_url(uid))
@@ -150,10 +196,27 @@ def _study_page(c: WebContext, request: Request, who: LoginSession, uid: str,
     plot = None
     if detail.result is not None:
         r = detail.result
-        plot = Markup(slice_plot_svg(r.slice_probabilities, r.threshold, r.key_slice_position,
-                                     series_indices=r.slice_indices))
-    return render(c, request, "study.html", who, status_code, d=detail, s=detail.study,
-                  r=detail.result, plot=plot, error=error, revision=revision)
+        plot = Markup(
+            slice_plot_svg(
+                r.slice_probabilities,
+                r.threshold,
+                r.key_slice_position,
+                series_indices=r.slice_indices,
+            )
+        )
+    return render(
+        c,
+        request,
+        "study.html",
+        who,
+        status_code,
+        d=detail,
+        s=detail.study,
+        r=detail.result,
+        plot=plot,
+        error=error,
+        revision=revision,
+    )
 
 
 @router.get("/studies/{uid}", response_class=HTMLResponse)
@@ -163,8 +226,12 @@ def study_page(uid: str, request: Request, c: Ctx, who: User) -> HTMLResponse:
 
 @router.post("/studies/{uid}/feedback")
 def feedback_form(
-    uid: str, request: Request, c: Ctx, who: Writer,
-    verdict: Annotated[str, Form()] = "", note: Annotated[str, Form(max_length=4000)] = "",
+    uid: str,
+    request: Request,
+    c: Ctx,
+    who: Writer,
+    verdict: Annotated[str, Form()] = "",
+    note: Annotated[str, Form(max_length=4000)] = "",
 ) -> Response:
     with Session(c.engine) as s, s.begin():
         try:
@@ -179,8 +246,13 @@ def feedback_form(
 
 
 # ------------------------------------------------------------------------------ admin
-def _admin_page(c: WebContext, request: Request, who: LoginSession,
-                message: tuple[bool, str] | None = None, status_code: int = 200) -> HTMLResponse:
+def _admin_page(
+    c: WebContext,
+    request: Request,
+    who: LoginSession,
+    message: tuple[bool, str] | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
     models_error = None
     models: list[Any] = []
     if c.store is None:
@@ -190,11 +262,22 @@ def _admin_page(c: WebContext, request: Request, who: LoginSession,
     with Session(c.engine) as s, s.begin():
         queries.audit(s, who.principal.name, "view_admin", None, client_address(request))
         audit_rows = queries.recent_audit(s, 50)
-    return render(c, request, "admin.html", who, status_code, models=models,
-                  models_error=models_error, destinations=api.destinations(c),
-                  echo_available=c.echo is not None, health=api.health_of(c),
-                  audit=audit_rows, message=message, csrf_field=CSRF_FIELD,
-                  states=[s.value for s in StudyState])
+    return render(
+        c,
+        request,
+        "admin.html",
+        who,
+        status_code,
+        models=models,
+        models_error=models_error,
+        destinations=api.destinations(c),
+        echo_available=c.echo is not None,
+        health=api.health_of(c),
+        audit=audit_rows,
+        message=message,
+        csrf_field=CSRF_FIELD,
+        states=[s.value for s in StudyState],
+    )
 
 
 @router.get("/admin", response_class=HTMLResponse)
@@ -211,21 +294,33 @@ def _admin_action(c: WebContext, request: Request, who: LoginSession, fn: Any) -
 
 
 @router.post("/admin/models/{name}/promote")
-def promote_form(name: str, request: Request, c: Ctx, who: AdminWriter,
-                 version: Annotated[str, Form()] = "",
-                 reason: Annotated[str, Form(max_length=500)] = "") -> Response:
-    return _admin_action(c, request, who,
-                         lambda: api.promote(c, request, who, name, version, reason))
+def promote_form(
+    name: str,
+    request: Request,
+    c: Ctx,
+    who: AdminWriter,
+    version: Annotated[str, Form()] = "",
+    reason: Annotated[str, Form(max_length=500)] = "",
+) -> Response:
+    return _admin_action(
+        c, request, who, lambda: api.promote(c, request, who, name, version, reason)
+    )
 
 
 @router.post("/admin/models/{name}/rollback")
-def rollback_form(name: str, request: Request, c: Ctx, who: AdminWriter,
-                  reason: Annotated[str, Form(max_length=500)] = "") -> Response:
+def rollback_form(
+    name: str,
+    request: Request,
+    c: Ctx,
+    who: AdminWriter,
+    reason: Annotated[str, Form(max_length=500)] = "",
+) -> Response:
     return _admin_action(c, request, who, lambda: api.rollback(c, request, who, name, reason))
 
 
-def _destination_action(c: WebContext, request: Request, who: LoginSession,
-                        fn: Callable[[], tuple[bool, str]]) -> HTMLResponse:
+def _destination_action(
+    c: WebContext, request: Request, who: LoginSession, fn: Callable[[], tuple[bool, str]]
+) -> HTMLResponse:
     """Run a destination action and show its outcome (or the refusal) on the admin page."""
     try:
         message = fn()

@@ -46,30 +46,40 @@ def slice_plot_svg(
     ]
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         ty = y(tick)
-        parts.append(f'<line class="grid" x1="{left}" x2="{left + pw}" y1="{ty:.1f}" '
-                     f'y2="{ty:.1f}"/>')
-        parts.append(f'<text class="axis" x="{left - 6}" y="{ty + 5:.1f}" '
-                     f'text-anchor="end">{tick:.2f}</text>')
+        parts.append(
+            f'<line class="grid" x1="{left}" x2="{left + pw}" y1="{ty:.1f}" y2="{ty:.1f}"/>'
+        )
+        parts.append(
+            f'<text class="axis" x="{left - 6}" y="{ty + 5:.1f}" '
+            f'text-anchor="end">{tick:.2f}</text>'
+        )
     if n:
         for i in _ticks(n):
-            parts.append(f'<text class="axis" x="{x(i):.1f}" y="{top + ph + 20}" '
-                         f'text-anchor="middle">{numbers[i]}</text>')
+            parts.append(
+                f'<text class="axis" x="{x(i):.1f}" y="{top + ph + 20}" '
+                f'text-anchor="middle">{numbers[i]}</text>'
+            )
         pts = " ".join(f"{x(i):.1f},{y(p):.1f}" for i, p in enumerate(probabilities))
         area = f"{x(0):.1f},{y(0):.1f} {pts} {x(n - 1):.1f},{y(0):.1f}"
         parts.append(f'<polygon class="area" points="{area}"/>')
         parts.append(f'<polyline class="line" points="{pts}" fill="none"/>')
-    parts.append(f'<line class="threshold" x1="{left}" x2="{left + pw}" y1="{y(threshold):.1f}" '
-                 f'y2="{y(threshold):.1f}" stroke-dasharray="6 4"/>')
+    parts.append(
+        f'<line class="threshold" x1="{left}" x2="{left + pw}" y1="{y(threshold):.1f}" '
+        f'y2="{y(threshold):.1f}" stroke-dasharray="6 4"/>'
+    )
     if key_slice is not None and 0 <= key_slice < n:
         kx, ky = x(key_slice), y(probabilities[key_slice])
-        parts.append(f'<line class="key" x1="{kx:.1f}" x2="{kx:.1f}" y1="{top}" '
-                     f'y2="{top + ph}"/>')
+        parts.append(f'<line class="key" x1="{kx:.1f}" x2="{kx:.1f}" y1="{top}" y2="{top + ph}"/>')
         parts.append(f'<circle class="key-dot" cx="{kx:.1f}" cy="{ky:.1f}" r="5"/>')
     if not n:
-        parts.append(f'<text class="axis" x="{left + pw / 2}" y="{top + ph / 2}" '
-                     'text-anchor="middle">no slice scores</text>')
-    parts.append(f'<text class="axis" x="{left + pw / 2}" y="{height - 6}" '
-                 'text-anchor="middle">slice along the scan</text>')
+        parts.append(
+            f'<text class="axis" x="{left + pw / 2}" y="{top + ph / 2}" '
+            'text-anchor="middle">no slice scores</text>'
+        )
+    parts.append(
+        f'<text class="axis" x="{left + pw / 2}" y="{height - 6}" '
+        'text-anchor="middle">slice along the scan</text>'
+    )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -82,8 +92,9 @@ def _ticks(n: int, most: int = 10) -> list[int]:
     return ticks
 
 
-def _title(probabilities: Sequence[float], threshold: float, key: int | None,
-           numbers: Sequence[int]) -> str:
+def _title(
+    probabilities: Sequence[float], threshold: float, key: int | None, numbers: Sequence[int]
+) -> str:
     if not probabilities:
         return "no slice scores"
     top = max(probabilities)

@@ -324,7 +324,8 @@ def study_detail(
     timeline = [
         EventOut(state=e.state, reason=e.reason, at=e.at.isoformat())
         for e in session.scalars(
-            select(StudyEvent).where(StudyEvent.study_id == study.id)
+            select(StudyEvent)
+            .where(StudyEvent.study_id == study.id)
             .order_by(StudyEvent.at, StudyEvent.id)
         )
     ]
@@ -348,8 +349,13 @@ def study_image(session: Session, uid: str, kind: str) -> Path:
 
 
 def _feedback_out(f: Feedback) -> FeedbackOut:
-    return FeedbackOut(user=f.user_name, verdict=f.verdict,  # type: ignore[arg-type]
-                       label=f.label, note=f.note, at=f.created_at.isoformat())  # type: ignore[arg-type]
+    return FeedbackOut(
+        user=f.user_name,
+        verdict=f.verdict,  # type: ignore[arg-type]
+        label=f.label,  # type: ignore[arg-type]
+        note=f.note,
+        at=f.created_at.isoformat(),
+    )
 
 
 def list_feedback(session: Session, study_id: int) -> list[FeedbackOut]:
@@ -392,11 +398,11 @@ def _spool_paths(
     session: Session, study_id: int, series_uid: str | None, root: Path | None
 ) -> list[str]:
     """The folders holding the study's (scored series') files, relative to ``root``."""
-    q = select(Instance.path).where(Instance.study_id == study_id,
-                                    Instance.file_missing.is_(False))
+    q = select(Instance.path).where(Instance.study_id == study_id, Instance.file_missing.is_(False))
     if series_uid:
         q = q.join(Series, Series.id == Instance.series_id).where(
-            Series.series_instance_uid == series_uid)
+            Series.series_instance_uid == series_uid
+        )
     folders = sorted({str(Path(p).parent) for p in session.scalars(q)})
     if root is None:
         return folders
@@ -429,8 +435,11 @@ def labels(session: Session, spool_root: Path | None = None) -> LabelExportOut:
             continue
         prob = None
         if result is not None:
-            prob = (result.fusion_probability if result.fusion_probability is not None
-                    else result.cbam_probability)
+            prob = (
+                result.fusion_probability
+                if result.fusion_probability is not None
+                else result.cbam_probability
+            )
         out.append(
             LabelOut(
                 study_instance_uid=uid,
@@ -450,8 +459,9 @@ def labels(session: Session, spool_root: Path | None = None) -> LabelExportOut:
     )
 
 
-def export_labels(engine: Engine, path: str | os.PathLike[str],
-                  spool_root: Path | None = None) -> int:
+def export_labels(
+    engine: Engine, path: str | os.PathLike[str], spool_root: Path | None = None
+) -> int:
     """Write the ``triaged-labels/1`` export to ``path`` atomically; returns the label count.
 
     With ``spool_root`` the paths are relative to it (portable when the spool moves),
@@ -478,7 +488,8 @@ def _failures(session: Session, since: datetime, where: Any) -> tuple[int, datet
     """Failed logins matching ``where`` since ``since``: how many, and the latest."""
     count, last = session.execute(
         select(func.count(), func.max(AuditEntry.at)).where(
-            AuditEntry.action == "login_failed", AuditEntry.at >= since, where)
+            AuditEntry.action == "login_failed", AuditEntry.at >= since, where
+        )
     ).one()
     return int(count or 0), last
 
@@ -500,8 +511,9 @@ def account_delay(failures: int, web: WebSettings) -> float:
     return min(0.25 * 2.0 ** min(extra, 60), web.login_account_delay_max_seconds)
 
 
-def login_throttle(engine: Engine, web: WebSettings, user: str, client: str | None,
-                   now: datetime | None = None) -> LoginThrottle:
+def login_throttle(
+    engine: Engine, web: WebSettings, user: str, client: str | None, now: datetime | None = None
+) -> LoginThrottle:
     """Throttle per client address (exponential backoff), slow down per account.
 
     Read from the audit log, so every process serving the page sees the same counts.
@@ -527,9 +539,16 @@ def audit(
     client: str | None,
     detail: str | None = None,
 ) -> None:
-    session.add(AuditEntry(at=utcnow(), user_name=user, action=action[:32],
-                           target=(target or None) and target[:200],
-                           client=(client or None) and client[:64], detail=detail))
+    session.add(
+        AuditEntry(
+            at=utcnow(),
+            user_name=user,
+            action=action[:32],
+            target=(target or None) and target[:200],
+            client=(client or None) and client[:64],
+            detail=detail,
+        )
+    )
 
 
 def recent_audit(session: Session, limit: int = 100) -> list[AuditOut]:
@@ -537,7 +556,13 @@ def recent_audit(session: Session, limit: int = 100) -> list[AuditOut]:
         select(AuditEntry).order_by(AuditEntry.at.desc(), AuditEntry.id.desc()).limit(limit)
     )
     return [
-        AuditOut(at=a.at.isoformat(), user=a.user_name, action=a.action, target=a.target,
-                 client=a.client, detail=a.detail)
+        AuditOut(
+            at=a.at.isoformat(),
+            user=a.user_name,
+            action=a.action,
+            target=a.target,
+            client=a.client,
+            detail=a.detail,
+        )
         for a in rows
     ]

@@ -32,8 +32,10 @@ class StudyItem(_Out):
     requested_priority: str | None
     flag: bool
     ood_reason: str | None = Field(
-        None, description="set when the slices are unlike the model's training data: the "
-        "score is shown but the study was not flagged on it alone")
+        None,
+        description="set when the slices are unlike the model's training data: the "
+        "score is shown but the study was not flagged on it alone",
+    )
     fusion_probability: float | None
     cbam_probability: float | None
     model_version: str | None = Field(description="the models that scored it, name:version")
@@ -68,25 +70,32 @@ class ResultOut(_Out):
     flag: bool
     priority: int
     ood: dict[str, Any] | None = Field(
-        None, description="out-of-distribution assessment (null: the model has no OOD fit)")
+        None, description="out-of-distribution assessment (null: the model has no OOD fit)"
+    )
     models: dict[str, str]
     slice_probabilities: list[float]
     slice_indices: list[int] | None = Field(
-        description="series position of each scored slice; null: the scores cover the series")
+        description="series position of each scored slice; null: the scores cover the series"
+    )
     key_slice: int | None = Field(description="series position of the key slice")
     key_slice_position: int | None = Field(
-        description="index of the key slice in slice_probabilities (null if not among them)")
+        description="index of the key slice in slice_probabilities (null if not among them)"
+    )
     timings: dict[str, float]
     sr_text: list[str]
     images: dict[str, str | None] = Field(description="kind -> URL of the PNG, null if absent")
     created_at: str
     raw_probability: float | None = Field(
-        default=None, description="the aggregate before calibration")
+        default=None, description="the aggregate before calibration"
+    )
     operating_point: str | None = Field(
-        default=None, description="the fitted operating point that fired (null: none)")
+        default=None, description="the fitted operating point that fired (null: none)"
+    )
     calibrated_on: int | None = Field(
-        default=None, description="validation studies the calibration was fitted on "
-        "(null: fusion_probability is not calibrated)")
+        default=None,
+        description="validation studies the calibration was fitted on "
+        "(null: fusion_probability is not calibrated)",
+    )
 
 
 class DeliveryOut(_Out):

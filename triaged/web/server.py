@@ -30,8 +30,9 @@ log = logging.getLogger("triaged.web")
 class WebServer:
     """A running web server; call it (or ``stop()``) to shut it down."""
 
-    def __init__(self, server: uvicorn.Server, thread: threading.Thread, scheme: str,
-                 bind: str) -> None:
+    def __init__(
+        self, server: uvicorn.Server, thread: threading.Thread, scheme: str, bind: str
+    ) -> None:
         self._server = server
         self._thread = thread
         self.scheme = scheme
@@ -62,8 +63,14 @@ class WebServer:
         self.stop()
 
 
-def serve_in_thread(app: FastAPI, bind: str, port: int, tls: TLSSettings | None = None,
-                    timeout: float = 15.0, trusted_proxies: Sequence[str] = ()) -> WebServer:
+def serve_in_thread(
+    app: FastAPI,
+    bind: str,
+    port: int,
+    tls: TLSSettings | None = None,
+    timeout: float = 15.0,
+    trusted_proxies: Sequence[str] = (),
+) -> WebServer:
     """Start serving ``app`` on ``bind:port`` (HTTPS when ``tls`` is set) and wait until up.
 
     With ``tls.ca`` set, clients must present a certificate that chains to it.
@@ -78,11 +85,20 @@ def serve_in_thread(app: FastAPI, bind: str, port: int, tls: TLSSettings | None 
         kwargs = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
         if tls.ca is not None:
             kwargs |= {"ssl_ca_certs": str(tls.ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    config = uvicorn.Config(app, host=bind, port=port, log_level="warning", access_log=False,
-                            log_config=None, proxy_headers=bool(trusted_proxies),
-                            forwarded_allow_ips=list(trusted_proxies),
-                            lifespan="off", server_header=False,
-                            timeout_graceful_shutdown=5, **kwargs)  # type: ignore[arg-type]
+    config = uvicorn.Config(
+        app,
+        host=bind,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        log_config=None,
+        proxy_headers=bool(trusted_proxies),
+        forwarded_allow_ips=list(trusted_proxies),
+        lifespan="off",
+        server_header=False,
+        timeout_graceful_shutdown=5,
+        **kwargs,  # type: ignore[arg-type]
+    )
     server = uvicorn.Server(config)
     failure: list[BaseException] = []
 
@@ -120,6 +136,12 @@ def start_web(
         return None
     from triaged.web.app import create_app
 
-    app = create_app(settings, engine, store=store, status=status, echo=echo,
-                     session_lifetime=timedelta(hours=web.session_hours))
+    app = create_app(
+        settings,
+        engine,
+        store=store,
+        status=status,
+        echo=echo,
+        session_lifetime=timedelta(hours=web.session_hours),
+    )
     return serve_in_thread(app, web.bind, web.port, web.tls, trusted_proxies=web.trusted_proxies)

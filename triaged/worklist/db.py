@@ -49,7 +49,8 @@ def make_engine(url: str, log_phi: bool = False) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_MS / 1000, "check_same_thread": False},
+            url,
+            connect_args={"timeout": SQLITE_BUSY_MS / 1000, "check_same_thread": False},
             hide_parameters=not log_phi,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -60,8 +61,9 @@ def make_engine(url: str, log_phi: bool = False) -> Engine:
         event.listen(engine, "connect", _no_pysqlite_begin)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
-                         hide_parameters=not log_phi)
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=not log_phi
+    )
 
 
 def _no_pysqlite_begin(dbapi_conn: Any, _record: Any) -> None:

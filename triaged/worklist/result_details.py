@@ -80,6 +80,7 @@ class ScoreSummary(_Schema):
     @property
     def ood_reason(self) -> str | None:
         return self.ood.reason if self.ood is not None else None
+
     # study decision (issue 12): fusion_probability is calibrated when calibrated_on is set
     raw_probability: float | None = None
     operating_point: str | None = None
