@@ -316,7 +316,7 @@ def test_out_of_distribution_study_delivered_unflagged_with_its_reason(
     import torch
 
     from tests.pipeline.test_ood import FLAG_ALL, noisy_copy
-    from triaged.training.ood_fit import fit_existing
+    from triaged.training.retrain import fit_existing
 
     torch.set_num_threads(1)
     train = tmp_path / "train"

@@ -179,6 +179,12 @@ class ModelVersion:
     def weights_path(self) -> Path:
         return self.path / WEIGHTS_FILE
 
+    def card_files(self) -> dict[str, bytes]:
+        """The version's further files that its card names (e.g. the out-of-distribution
+        fit), to carry over when a new version is registered with the same weights."""
+        named = [self.card.ood.file] if self.card.ood is not None else []
+        return {name: (self.path / name).read_bytes() for name in named}
+
     @property
     def card_path(self) -> Path:
         return self.path / CARD_FILE

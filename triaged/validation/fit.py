@@ -117,7 +117,7 @@ def register_decision(
         }
     )
     store = processor.store
-    new = store.register(base.name, base.weights_path, card)
+    new = store.register(base.name, base.weights_path, card, files=base.card_files())
     if promote:
         store.promote(new.name, new.version, reason=f"triaged validate --fit from {base.ref}")
     return new
